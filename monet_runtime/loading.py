@@ -1,0 +1,138 @@
+"""Load a MONET checkpoint: a Hugging Face directory with config.json and safetensors weights.
+
+The model is built on the meta device and each tensor is read once from the memory-mapped
+file, converted to the requested dtype and assigned: peak memory is about the model's size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from monet_runtime.config import ConfigError, MonetConfig
+from monet_runtime.model import MonetForCausalLM
+from monet_runtime.tokenizer import load_tokenizer
+
+__all__ = ["CheckpointError", "load_model", "model_identity", "save_checkpoint"]
+
+# Router statistics stay float32 whatever the model dtype: the router runs in float32.
+_FLOAT32_SUFFIXES = (".running_mean", ".running_var")
+_OPTIONAL_SUFFIXES = (".num_batches_tracked",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory whose files do not describe the configured model."""
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> file, from model.safetensors or a sharded index."""
+    index = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a safetensors index: {e}") from None
+        files = {name: path / shard for name, shard in weight_map.items()}
+        for shard in set(files.values()):
+            if not shard.exists():
+                raise CheckpointError(f"{index} names a missing shard {shard.name}")
+        return files
+    if single.exists():
+        with safe_open(single, framework="pt") as f:
+            return {name: single for name in f.keys()}
+    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
+
+
+def model_identity(config: MonetConfig, shapes: dict[str, tuple[int, ...]]) -> str:
+    """A model's identity: hash of its config's computational fields and tensor names/shapes."""
+    digest = hashlib.sha256(config.shape_digest().encode())
+    for name in sorted(shapes):
+        digest.update(f"{name}:{list(shapes[name])}".encode())
+    return f"monet-{digest.hexdigest()[:16]}"
+
+
+def _expected_tensors(model: MonetForCausalLM) -> dict[str, torch.Tensor]:
+    return dict(model.state_dict(keep_vars=True))
+
+
+def _iter_tensors(files: dict[str, Path], names) -> Iterator[tuple[str, torch.Tensor]]:
+    with ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(f, framework="pt")) for f in set(files.values())}
+        for name in names:
+            yield name, handles[files[name]].get_tensor(name)
+
+
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    *,
+    tokenizer: bool = True,
+) -> MonetForCausalLM:
+    """Load a checkpoint directory. Errors name the missing, unexpected or mis-shaped tensor."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    config = MonetConfig.from_file(path)
+    with torch.device("meta"):
+        model = MonetForCausalLM(config)
+    expected = _expected_tensors(model)
+    files = _weight_files(path)
+    missing = [n for n in expected if n not in files and not n.endswith(_OPTIONAL_SUFFIXES)]
+    unexpected = sorted(set(files) - set(expected))
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks tensors: {', '.join(missing[:10])}"
+                              + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+    if unexpected:
+        raise CheckpointError(f"checkpoint {path} has unexpected tensors: "
+                              f"{', '.join(unexpected[:10])}")
+
+    state: dict[str, torch.Tensor] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, tensor in _iter_tensors(files, [n for n in expected if n in files]):
+        want = expected[name]
+        if tuple(tensor.shape) != tuple(want.shape):
+            raise CheckpointError(f"tensor {name} has shape {tuple(tensor.shape)}, the config "
+                                  f"implies {tuple(want.shape)}")
+        shapes[name] = tuple(tensor.shape)
+        if want.dtype.is_floating_point:
+            target = torch.float32 if name.endswith(_FLOAT32_SUFFIXES) else dtype
+            tensor = tensor.to(device=device, dtype=target)
+        else:
+            tensor = tensor.to(device=device, dtype=want.dtype)
+        state[name] = tensor
+    for name in expected:  # optional counters the checkpoint may omit
+        if name not in state:
+            state[name] = torch.zeros((), dtype=expected[name].dtype, device=device)
+    model.load_state_dict(state, assign=True, strict=True)
+    model.eval().requires_grad_(False)
+    model.identity = model_identity(config, shapes)
+    if tokenizer:
+        model.tokenizer = load_tokenizer(path, vocab_size=config.vocab_size,
+                                         bos_id=config.bos_token_id,
+                                         eos_ids=config.eos_token_ids)
+    return model
+
+
+def save_checkpoint(model: MonetForCausalLM, path: str | Path) -> Path:
+    """Write config.json and model.safetensors (Hugging Face layout)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+__all__ += ["ConfigError"]

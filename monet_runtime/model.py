@@ -1,0 +1,373 @@
+"""MONET decoder in plain PyTorch, exact to the authors' release (arXiv 2412.04139).
+
+A LLaMA decoder whose MLP is a mixture of E x E composite experts: a BatchNorm-threshold router
+(shared by the `moe_groups` layers of a routing group) gives g1, g2 [T, H, E] per token; the
+experts' output sum_ij (sum_h g1[h,i] g2[h,j]) E_ij(y) is computed factorised (kernels.mixing),
+and an expert mask zeroes chosen g_ij per token without building the E x E matrix.
+
+Legend: B batch, T tokens (new), S tokens (cached + new), D hidden, N attention heads,
+K key/value heads, Dh head width, H routing heads, E experts per side, M expert width, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from monet_runtime.config import MonetConfig
+
+__all__ = ["KVCache", "MaskBatch", "MonetForCausalLM", "MonetOutput"]
+
+
+# ---- per-batch state ---------------------------------------------------------------------
+@dataclass(slots=True)
+class KVCache:
+    """Preallocated keys and values per layer: [B, K, S_max, Dh]; `length` positions filled."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int = 0
+
+    @classmethod
+    def allocate(cls, config: MonetConfig, batch: int, max_len: int, *, dtype, device):
+        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+        new = lambda: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
+        layers = range(config.num_hidden_layers)
+        return cls([new() for _ in layers], [new() for _ in layers])
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+
+@dataclass(slots=True)
+class MaskBatch:
+    """Mask tables for one forward pass: each row of the batch may carry its own mask.
+
+    tables: int32 [L, P, W] bitsets (kernels.mixing format); profile_B: [B] row -> profile in
+    [0, P) or -1 (no mask); active_layers: layers where some profile masks something.
+    """
+
+    tables: torch.Tensor
+    profile_B: torch.Tensor
+    active_layers: frozenset[int] = field(default_factory=frozenset)
+
+    @classmethod
+    def build(cls, masks, *, batch: int, config: MonetConfig, device) -> MaskBatch | None:
+        """masks: None, one ExpertMask for every row, or a list of ExpertMask | None per row."""
+        if masks is None:
+            return None
+        if not isinstance(masks, (list, tuple)):
+            masks = [masks] * batch
+        if len(masks) != batch:
+            raise ValueError(f"got {len(masks)} masks for a batch of {batch} rows")
+        profiles: list = []
+        profile_B = []
+        for mask in masks:
+            if mask is None or not mask:
+                profile_B.append(-1)
+                continue
+            if mask not in profiles:
+                profiles.append(mask)
+            profile_B.append(profiles.index(mask))
+        if not profiles:
+            return None
+        L, E = config.num_hidden_layers, config.moe_experts
+        tables = torch.stack(
+            [m.to_table(num_layers=L, num_experts=E) for m in profiles], dim=1
+        )  # [L, P, W]
+        active = frozenset(l for l in range(L) if any(l in m.layers for m in profiles))
+        return cls(
+            tables.to(device),
+            torch.tensor(profile_B, dtype=torch.int32, device=device),
+            active,
+        )
+
+    def tokens(self, layer: int, T: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(table [P, W], profile per flattened token [B*T]) for one layer, or None."""
+        if layer not in self.active_layers:
+            return None
+        return self.tables[layer], self.profile_B.repeat_interleave(T)
+
+
+@dataclass
+class MonetOutput:
+    logits: torch.Tensor  # [B, T, V] float32
+    router_probs: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # g1, g2 [B,T,H,E]
+    hidden_states: torch.Tensor | None = None  # [B, T, D] after the final norm
+
+
+# ---- building blocks ---------------------------------------------------------------------
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # As LLaMA: normalise in float32 (or better), cast back, then scale.
+        xf = x.to(_at_least_float32(x.dtype))
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def relu2(x: torch.Tensor) -> torch.Tensor:
+    return torch.square(F.relu(x))
+
+
+def rotary(positions_BT: torch.Tensor, head_dim: int, theta: float, dtype):
+    """cos, sin [B, 1, T, Dh] for the rotate-half layout, computed in float32."""
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=positions_BT.device).float() / head_dim)
+    )
+    freqs = positions_BT.float()[..., None] * inv_freq  # [B, T, Dh/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos()[:, None].to(dtype), emb.sin()[:, None].to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention with rotary embeddings and a preallocated KV cache."""
+
+    def __init__(self, config: MonetConfig):
+        super().__init__()
+        D, N, K, Dh = (config.hidden_size, config.num_attention_heads,
+                       config.num_key_value_heads, config.head_dim)
+        self.config = config
+        self.q_proj = nn.Linear(D, N * Dh, bias=False)
+        self.k_proj = nn.Linear(D, K * Dh, bias=False)
+        self.v_proj = nn.Linear(D, K * Dh, bias=False)
+        self.o_proj = nn.Linear(N * Dh, D, bias=False)
+
+    def forward(self, x_BTD, cos, sin, attn_mask_BTS, cache: KVCache | None, layer: int):
+        B, T, _ = x_BTD.shape
+        N, K, Dh = (self.config.num_attention_heads, self.config.num_key_value_heads,
+                    self.config.head_dim)
+        q = apply_rotary(self.q_proj(x_BTD).view(B, T, N, Dh).transpose(1, 2), cos, sin)
+        k = apply_rotary(self.k_proj(x_BTD).view(B, T, K, Dh).transpose(1, 2), cos, sin)
+        v = self.v_proj(x_BTD).view(B, T, K, Dh).transpose(1, 2)
+        if cache is not None:
+            start = cache.length
+            cache.keys[layer][:, :, start : start + T] = k
+            cache.values[layer][:, :, start : start + T] = v
+            k = cache.keys[layer][:, :, : start + T]
+            v = cache.values[layer][:, :, : start + T]
+        if K != N:
+            k = k.repeat_interleave(N // K, dim=1)
+            v = v.repeat_interleave(N // K, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask_BTS[:, None])
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, N * Dh))
+
+
+class Router(nn.Module):
+    """g1, g2 [T, H, E] (float32) from y [T, D]: BatchNorm threshold over the raw logits."""
+
+    def __init__(self, config: MonetConfig):
+        super().__init__()
+        H, E = config.moe_heads, config.moe_experts
+        self.heads, self.experts = H, E
+        self.sigma = kernels.router_sigma(config.moe_topk, E)
+        self.w1 = nn.Linear(config.hidden_size, H * E, bias=False)
+        self.w2 = nn.Linear(config.hidden_size, H * E, bias=False)
+        self.norm1 = nn.BatchNorm1d(H, affine=False)
+        self.norm2 = nn.BatchNorm1d(H, affine=False)
+
+    def _side(self, y_TD, w: nn.Linear, norm: nn.BatchNorm1d) -> torch.Tensor:
+        # As the release: projection in the model dtype, everything after it in float32.
+        z_THE = w(y_TD).view(-1, self.heads, self.experts)
+        z_THE = z_THE.to(_at_least_float32(z_THE.dtype))
+        if self.training:  # batch statistics, updating the running ones (training only)
+            n_THE = norm(z_THE)
+            t = n_THE.amax(-1, keepdim=True).clamp_max(self.sigma)
+            return torch.softmax(torch.where(n_THE >= t, z_THE, kernels.router.DROPPED_LOGIT), -1)
+        return kernels.route(
+            z_THE, norm.running_mean, norm.running_var, sigma=self.sigma, eps=norm.eps
+        )
+
+    def forward(self, y_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._side(y_TD, self.w1, self.norm1), self._side(y_TD, self.w2, self.norm2)
+
+
+class VerticalExperts(nn.Module):
+    """VD: E_ij = [V11_i a_i + V12_i b_j + b1_i ; V21_j a_i + V22_j b_j + b2_j]."""
+
+    def __init__(self, config: MonetConfig):
+        super().__init__()
+        D, E, M = config.hidden_size, config.moe_experts, config.expert_width
+        self.E, self.M = E, M
+        self.u1 = nn.Linear(D, E * M)
+        self.u2 = nn.Linear(D, E * M)
+        self.v11 = nn.Linear(E * M, D // 2, bias=False)
+        self.v12 = nn.Linear(E * M, D // 2, bias=False)
+        self.v21 = nn.Linear(E * M, D // 2, bias=False)
+        self.v22 = nn.Linear(E * M, D // 2, bias=False)
+        self.b1 = nn.Parameter(torch.zeros(E, D // 2))
+        self.b2 = nn.Parameter(torch.zeros(E, D // 2))
+
+    def forward(self, y_TD, g1_THE, g2_THE, mask=None) -> torch.Tensor:
+        T = y_TD.shape[0]
+        a_TEM = relu2(self.u1(y_TD)).view(T, self.E, self.M)
+        b_TEM = relu2(self.u2(y_TD)).view(T, self.E, self.M)
+        mix = kernels.mix_vd(a_TEM, b_TEM, g1_THE, g2_THE, *(mask or (None, None)))
+        first = self.v11(mix.x11) + self.v12(mix.x12) + mix.c1 @ self.b1
+        second = self.v21(mix.x21) + self.v22(mix.x22) + mix.c2 @ self.b2
+        return torch.cat((first, second), dim=-1)
+
+
+class HorizontalExperts(nn.Module):
+    """HD: E_ij = V_j relu2(U_i y + c_i) + b_j."""
+
+    def __init__(self, config: MonetConfig):
+        super().__init__()
+        D, E, M = config.hidden_size, config.moe_experts, config.expert_width
+        self.E, self.M = E, M
+        self.u = nn.Linear(D, E * M)
+        self.v = nn.Linear(E * M, D, bias=False)
+        self.b = nn.Parameter(torch.zeros(E, D))
+
+    def forward(self, y_TD, g1_THE, g2_THE, mask=None) -> torch.Tensor:
+        T = y_TD.shape[0]
+        x_TEM = relu2(self.u(y_TD)).view(T, self.E, self.M)
+        mix = kernels.mix_hd(x_TEM, g1_THE, g2_THE, *(mask or (None, None)))
+        return self.v(mix.x) + mix.c2 @ self.b
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: MonetConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.self_attn = Attention(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.moe = (VerticalExperts if config.vertical else HorizontalExperts)(config)
+        self.router = Router(config) if config.is_routing_layer(layer) else None
+
+    def forward(self, x_BTD, cos, sin, attn_mask, cache, routing, masks: MaskBatch | None):
+        """routing: (g1, g2) of the most recent routing layer, or None at a routing layer."""
+        B, T, D = x_BTD.shape
+        h = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, attn_mask, cache,
+                                   self.layer)
+        y_TD = self.post_attention_layernorm(h).view(B * T, D)
+        if self.router is not None:
+            routing = self.router(y_TD)
+        g1, g2 = routing
+        mask = masks.tokens(self.layer, T) if masks is not None else None
+        out = h + self.moe(y_TD, g1, g2, mask).view(B, T, D)
+        return out, routing
+
+
+# ---- the model ---------------------------------------------------------------------------
+class MonetModel(nn.Module):
+    def __init__(self, config: MonetConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, l) for l in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MonetForCausalLM(nn.Module):
+    """The MONET causal LM. Parameter names follow the Hugging Face checkpoints."""
+
+    def __init__(self, config: MonetConfig):
+        super().__init__()
+        self.config = config
+        self.model = MonetModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tokenizer = None  # set by load_model
+        self.identity = ""  # set by load_model: which model a mask profile was built for
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        mask=None,
+        output_router_probs: bool = False,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        output_hidden_states: bool = False,
+    ) -> MonetOutput:
+        """input_ids [B, T]; mask: None, an ExpertMask for every row, a list (one per row, None
+        for unmasked) or a prepared MaskBatch; attention_mask [B, S] with 1 for real tokens
+        (cached + new; left padding); position_ids [B, T] (default: from attention_mask)."""
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        S = past + T
+        if cache is not None and S > cache.capacity:
+            raise ValueError(f"KV cache holds {cache.capacity} positions, needs {S}")
+        if attention_mask is None:
+            attention_mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
+        if attention_mask.shape != (B, S):
+            raise ValueError(f"attention_mask must be [{B}, {S}], got {tuple(attention_mask.shape)}")
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]
+        masks = mask if isinstance(mask, MaskBatch) or mask is None else MaskBatch.build(
+            mask, batch=B, config=self.config, device=input_ids.device)
+
+        # Causal mask over real keys; a padding query sees itself so no row is empty (NaN).
+        q_pos = torch.arange(past, S, device=input_ids.device)
+        k_pos = torch.arange(S, device=input_ids.device)
+        causal_TS = k_pos[None, :] <= q_pos[:, None]
+        attn_BTS = (causal_TS[None] & attention_mask[:, None, :].bool()) | (
+            k_pos[None, None, :] == q_pos[None, :, None])
+
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rotary(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        routing, router_probs = None, {} if output_router_probs else None
+        for layer in self.model.layers:
+            x, routing = layer(x, cos, sin, attn_BTS, cache, routing, masks)
+            if output_router_probs and layer.router is not None:
+                H, E = self.config.moe_heads, self.config.moe_experts
+                router_probs[layer.layer] = tuple(g.view(B, T, H, E) for g in routing)
+        if cache is not None:
+            cache.length = S
+        hidden = self.model.norm(x)
+        logits = self.lm_head(hidden).float()
+        return MonetOutput(logits, router_probs, hidden if output_hidden_states else None)
+
+    def generate(self, input_ids, max_new_tokens: int = 20, mask=None, do_sample: bool = False,
+                 **kwargs) -> torch.Tensor:
+        """Prompt ids [B, T] followed by up to max_new_tokens generated ids, [B, T + n].
+
+        Rows that stop early are padded with the first eos id (or 0). kwargs: temperature,
+        top_p, top_k, seed, stop_token_ids, attention_mask (left padding). See generation.py.
+        """
+        from monet_runtime.generation import generate_tensor
+
+        return generate_tensor(self, input_ids, max_new_tokens=max_new_tokens, mask=mask,
+                               do_sample=do_sample, **kwargs)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def init_weights(self, *, std: float = 0.02, seed: int | None = None) -> MonetForCausalLM:
+        """Random initialisation as the release's _init_weights (used for new models)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                with torch.no_grad():
+                    module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * std)
+                    if getattr(module, "bias", None) is not None:
+                        module.bias.zero_()
+        return self

@@ -1,0 +1,235 @@
+"""The async engine behind the server on vLLM: generate and stream with a mask profile.
+
+How a profile reaches the model: the engine keys a profile by "name@version" (the contents of
+one version never change), installs it once in every worker through collective_rpc
+(`monet_install_profile`, compact binary ExpertMask) before the first request that uses it, and
+sends the key in SamplingParams.extra_args["monet_mask"]. RPCs and requests travel the same
+ordered channel to the engine core, so the profile is there when the row is scheduled. The
+worker copies it into one of P device slots (LRU) when the row joins the batch; this engine
+admits at most P distinct profiles among running requests, so a slot is always free. The same
+key is the request's cache_salt: the prefix cache never shares KV blocks between masks.
+
+Legend: P mask slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from monet_runtime.config import MonetConfig
+from monet_runtime.expert_mask import ExpertMask
+from monet_runtime.generation import SamplingParams, StepEvent
+
+__all__ = ["EngineOutput", "MaskProfileRef", "VllmEngine"]
+
+MASK_KEY = "monet_mask"  # as monet_runtime.vllm_profiles (not imported: it needs vLLM)
+CAPTURE_KEY = "monet_capture"
+
+
+@dataclass(frozen=True, slots=True)
+class MaskProfileRef:
+    """A named, versioned mask profile: (name, version) identifies the contents."""
+
+    name: str
+    version: int | str
+    mask: ExpertMask
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(slots=True)
+class EngineOutput:
+    token_ids: list[int]
+    finish_reason: str
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    routing: dict[int, tuple[Any, Any]] | None = None  # routing layer -> g1, g2 [T, H, E]
+    text: str | None = None
+
+
+@dataclass(slots=True)
+class _Profiles:
+    """Profiles installed in the workers (host copies, LRU) and the keys running requests use."""
+
+    slots: int
+    host_capacity: int
+    installed: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    active: Counter[str] = field(default_factory=Counter)
+    changed: asyncio.Condition | None = None
+
+
+class VllmEngine:
+    """MONET on vLLM's AsyncLLM (V1 engine, V1 model runner), one request per call."""
+
+    def __init__(self, model_path: str | Path, *, dtype: str = "float32", mask_slots: int = 8,
+                 host_profiles: int = 64, max_num_seqs: int = 64, max_model_len: int | None = None,
+                 kv_cache_bytes: int = 1 << 30, tensor_parallel_size: int = 1,
+                 enforce_eager: bool = True, enable_prefix_caching: bool = True,
+                 **engine_args: Any):
+        # The per-row hook (a V1 logits processor) needs the V1 model runner.
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.model_path = str(model_path)
+        self.config = MonetConfig.from_file(model_path)
+        args = AsyncEngineArgs(
+            model=self.model_path, skip_tokenizer_init=True, dtype=dtype,
+            max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+            tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager,
+            enable_prefix_caching=enable_prefix_caching,
+            hf_overrides={"monet_mask_slots": mask_slots},
+            logits_processors=["monet_runtime.vllm_profiles:MaskProfileRows"],
+            worker_extension_cls="monet_runtime.vllm_profiles.MonetWorkerExtension",
+            kv_cache_memory_bytes=kv_cache_bytes, gpu_memory_utilization=0.05,
+            disable_log_stats=True, **engine_args)
+        self._llm = AsyncLLM.from_engine_args(args)
+        self._profiles = _Profiles(slots=mask_slots, host_capacity=max(host_profiles, mask_slots))
+        self._ids = itertools.count()
+
+    # ---- profiles ----------------------------------------------------------------------
+    async def _acquire(self, profile: MaskProfileRef) -> None:
+        """Wait until the profile may run (<= P distinct among running requests), install it."""
+        p = self._profiles
+        if p.changed is None:
+            p.changed = asyncio.Condition()
+        key = profile.key
+        async with p.changed:
+            await p.changed.wait_for(lambda: key in p.active or len(p.active) < p.slots)
+            p.active[key] += 1
+        try:
+            if key not in p.installed:
+                data = profile.mask.to_bytes(self.config.moe_experts)
+                await self._llm.collective_rpc("monet_install_profile", args=(key, data))
+                p.installed[key] = None
+            p.installed.move_to_end(key)
+            for old in [k for k in p.installed if k not in p.active]:
+                if len(p.installed) <= p.host_capacity:
+                    break
+                del p.installed[old]
+                await self._llm.collective_rpc("monet_drop_profile", args=(old,))
+        except BaseException:
+            await self._release(key)
+            raise
+
+    async def _release(self, key: str) -> None:
+        p = self._profiles
+        async with p.changed:
+            p.active[key] -= 1
+            if p.active[key] <= 0:
+                del p.active[key]
+            p.changed.notify_all()
+
+    async def slot_state(self) -> dict[str, Any]:
+        return (await self._llm.collective_rpc("monet_slot_state"))[0]
+
+    # ---- requests ----------------------------------------------------------------------
+    def _sampling(self, params: SamplingParams, extra: dict[str, Any]):
+        from vllm import SamplingParams as VllmSampling
+        from vllm.sampling_params import RequestOutputKind
+
+        if params.stop:
+            raise ValueError("stop strings are not supported by the vLLM engine (token ids are)")
+        stops = params.stop_token_ids
+        if stops is None:
+            stops = () if params.ignore_eos else tuple(self.config.eos_token_ids)
+        return VllmSampling(
+            max_tokens=params.max_new_tokens,
+            temperature=0.0 if params.greedy else params.temperature,
+            top_p=params.top_p, top_k=params.top_k, seed=params.seed,
+            stop_token_ids=list(stops), ignore_eos=True,  # eos handled through stop_token_ids
+            output_kind=RequestOutputKind.DELTA, extra_args=extra or None)
+
+    async def stream(self, prompt_ids: list[int], params: SamplingParams | None = None, *,
+                     profile: MaskProfileRef | None = None, capture_routing: bool = False,
+                     request_id: str | None = None) -> AsyncIterator[StepEvent]:
+        """Yield one StepEvent per new token (row 0); cancelling the iterator aborts."""
+        async for event, _ in self._run(prompt_ids, params or SamplingParams(), profile=profile,
+                                        capture_routing=capture_routing,
+                                        request_id=request_id):
+            yield event
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams | None = None, *,
+                       profile: MaskProfileRef | None = None, capture_routing: bool = False,
+                       request_id: str | None = None) -> EngineOutput:
+        out = EngineOutput([], "length")
+        async for event, info in self._run(prompt_ids, params or SamplingParams(),
+                                           profile=profile, capture_routing=capture_routing,
+                                           request_id=request_id):
+            if event.token_id >= 0:
+                out.token_ids.append(event.token_id)
+            if event.finish_reason:
+                out.finish_reason = event.finish_reason
+            out.num_cached_tokens = info.get("num_cached_tokens") or out.num_cached_tokens
+            out.routing = info.get("routing", out.routing)
+        return out
+
+    async def _run(self, prompt_ids, params, *, profile, capture_routing, request_id):
+        from vllm.inputs import TokensPrompt
+
+        if not prompt_ids:
+            raise ValueError("prompt_ids is empty")
+        request_id = request_id or f"monet-{next(self._ids)}"
+        extra: dict[str, Any] = {}
+        salt = None
+        if profile is not None and profile.mask:
+            extra[MASK_KEY] = salt = profile.key
+            await self._acquire(profile)
+        if capture_routing:  # every token computed: no prefix-cache reuse for this request
+            extra[CAPTURE_KEY] = request_id
+            salt = f"{salt or ''}#capture:{request_id}"
+        prompt = TokensPrompt(prompt_token_ids=list(prompt_ids))
+        if salt is not None:
+            prompt["cache_salt"] = salt
+        try:
+            async for out in self._llm.generate(prompt, self._sampling(params, extra),
+                                                request_id):
+                completion = out.outputs[0]
+                info = {"num_cached_tokens": out.num_cached_tokens or 0}
+                tokens = list(completion.token_ids)
+                for n, token in enumerate(tokens):
+                    last = out.finished and n == len(tokens) - 1
+                    reason = _finish_reason(completion.finish_reason) if last else None
+                    if last and capture_routing:
+                        info["routing"] = await self._take_routing(request_id)
+                    yield StepEvent(0, token, reason), info
+                if out.finished and not tokens:
+                    yield StepEvent(0, -1, _finish_reason(completion.finish_reason)), info
+        finally:
+            if profile is not None and profile.mask:
+                await self._release(profile.key)
+
+    async def _take_routing(self, key: str):
+        import torch
+
+        parts = (await self._llm.collective_rpc("monet_take_routing", args=(key,)))[0]
+
+        def tensor(data: bytes, shape):
+            return torch.frombuffer(bytearray(data), dtype=torch.float32).view(shape)
+
+        return {int(l): (tensor(g1, shape), tensor(g2, shape))
+                for l, (shape, g1, g2) in parts.items()}
+
+    async def health(self) -> dict[str, Any]:
+        try:
+            await self._llm.check_health()
+        except Exception as e:  # the engine core died
+            return {"ok": False, "engine": "vllm", "error": str(e)}
+        p = self._profiles
+        return {"ok": True, "engine": "vllm", "model": self.model_path,
+                "mask_slots": p.slots, "active_profiles": len(p.active)}
+
+    def shutdown(self) -> None:
+        self._llm.shutdown()
+
+
+def _finish_reason(reason: str | None) -> str:
+    return {"stop": "stop", "length": "length", "abort": "abort"}.get(reason or "", "stop")

@@ -1,0 +1,255 @@
+"""MONET as a vLLM model (V1 engine), registered by the `vllm.general_plugins` entry point.
+
+Attention uses vLLM's parallel layers (QKV / row-parallel projections, paged attention, its
+rotary embedding), so tensor parallelism shards the attention heads. The router and the expert
+modules are monet_runtime.model's own; under tensor parallelism every rank holds all the expert
+and router weights (replicated, no all-reduce: each rank computes the same MoE output), which
+keeps the factorised mixing over all E experts per side local to one device.
+
+Masks: MaskSlots (monet_runtime.vllm_profiles) holds the profile tables [L, P, W] in fixed
+device buffers; each forward reads the attention metadata's query_start_loc from the forward
+context and gives the experts profile_T [T] (the slot of each token's request, -1 unmasked).
+
+Legend: T flattened tokens of the step, D hidden, H routing heads, E experts per side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
+from vllm.config import VllmConfig
+from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.forward_context import get_forward_context, is_forward_context_available
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import (
+    ParallelLMHead,
+    VocabParallelEmbedding,
+)
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+from monet_runtime.config import MonetConfig
+from monet_runtime.model import HorizontalExperts, RMSNorm, Router, VerticalExperts
+from monet_runtime.vllm_profiles import MaskSlots, attach
+
+__all__ = ["MonetForCausalLM", "MonetHFConfig", "register"]
+
+DEFAULT_MASK_SLOTS = 8
+
+
+class MonetHFConfig(PretrainedConfig):
+    """The checkpoint's config.json for transformers/vLLM (model_type "monet")."""
+
+    model_type = "monet"
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("tie_word_embeddings", False)
+        rope_theta = kwargs.get("rope_theta", 10000.0)
+        kwargs.setdefault("rope_parameters", {"rope_type": "default", "rope_theta": rope_theta})
+        super().__init__(**kwargs)
+        defaults = MonetConfig()
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "max_position_embeddings", "rms_norm_eps", "rope_theta", "moe_dim",
+                     "moe_heads", "moe_experts", "moe_topk", "moe_groups", "moe_decompose"):
+            if not hasattr(self, name):
+                setattr(self, name, getattr(defaults, name))
+        if getattr(self, "num_key_value_heads", None) is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if getattr(self, "head_dim", None) is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+
+    def to_monet_config(self) -> MonetConfig:
+        fields = {f: getattr(self, f) for f in (
+            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps",
+            "rope_theta", "moe_dim", "moe_heads", "moe_experts", "moe_topk", "moe_groups",
+            "moe_decompose", "bos_token_id", "eos_token_id")}
+        return MonetConfig.from_dict(fields)
+
+
+def register() -> None:
+    """vllm.general_plugins entry point: runs in every vLLM process, maybe more than once."""
+    from transformers import AutoConfig
+    from vllm import ModelRegistry
+    from vllm.transformers_utils.config import _CONFIG_REGISTRY
+
+    _CONFIG_REGISTRY["monet"] = MonetHFConfig
+    AutoConfig.register("monet", MonetHFConfig, exist_ok=True)
+    ModelRegistry.register_model("MonetForCausalLM", "monet_runtime.vllm_model:MonetForCausalLM")
+
+
+class MonetAttention(nn.Module):
+    """LLaMA attention on vLLM's layers: heads sharded over tensor-parallel ranks."""
+
+    def __init__(self, config: MonetConfig, *, cache_config, quant_config, prefix: str):
+        super().__init__()
+        tp = get_tensor_model_parallel_world_size()
+        D, N, K, Dh = (config.hidden_size, config.num_attention_heads,
+                       config.num_key_value_heads, config.head_dim)
+        if N % tp or (K % tp and tp % K):
+            raise ValueError(f"{N} query / {K} key-value heads do not split over {tp} ranks")
+        self.q_size = N // tp * Dh
+        self.kv_size = max(1, K // tp) * Dh
+        self.qkv_proj = QKVParallelLinear(D, Dh, N, K, bias=False, quant_config=quant_config,
+                                          prefix=f"{prefix}.qkv_proj")
+        self.o_proj = RowParallelLinear(N * Dh, D, bias=False, quant_config=quant_config,
+                                        prefix=f"{prefix}.o_proj")
+        self.rotary_emb = get_rope(Dh, max_position=config.max_position_embeddings,
+                                   is_neox_style=True,  # rotate-half layout
+                                   rope_parameters={"rope_type": "default",
+                                                    "rope_theta": config.rope_theta})
+        # A head width the attention backend lacks (the tiny test models' 16 on CPU) is
+        # zero-padded: zeros add nothing to q.k, and the padded output columns are dropped.
+        self.head_dim, self.attn_head_dim = Dh, _attention_head_dim(Dh)
+        self.attn = Attention(N // tp, self.attn_head_dim, Dh**-0.5, num_kv_heads=max(1, K // tp),
+                              cache_config=cache_config, quant_config=quant_config,
+                              prefix=f"{prefix}.attn")
+
+    def forward(self, positions_T: torch.Tensor, x_TD: torch.Tensor) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(x_TD)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary_emb(positions_T, q, k)
+        if self.attn_head_dim == self.head_dim:
+            out, _ = self.o_proj(self.attn(q, k, v))
+            return out
+        q, k, v = (self._pad(t) for t in (q, k, v))
+        T, Dh = q.shape[0], self.head_dim
+        out_TNA = self.attn(q, k, v).view(T, -1, self.attn_head_dim)
+        out, _ = self.o_proj(out_TNA[..., :Dh].reshape(T, -1))
+        return out
+
+    def _pad(self, x_TX: torch.Tensor) -> torch.Tensor:
+        T = x_TX.shape[0]
+        x = x_TX.view(T, -1, self.head_dim)
+        return F.pad(x, (0, self.attn_head_dim - self.head_dim)).reshape(T, -1)
+
+
+def _attention_head_dim(head_dim: int) -> int:
+    """head_dim, or the next width the CPU attention backend supports."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return head_dim
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    sizes = sorted(CPUAttentionBackend.get_supported_head_sizes())
+    return head_dim if head_dim in sizes else next(s for s in sizes if s >= head_dim)
+
+
+class MonetDecoderLayer(nn.Module):
+    """h = x + Attn(norm(x)); y = norm(h); out = h + Experts(y, Router(y) or the group's)."""
+
+    def __init__(self, config: MonetConfig, layer: int, *, cache_config, quant_config,
+                 prefix: str):
+        super().__init__()
+        self.layer = layer
+        self.self_attn = MonetAttention(config, cache_config=cache_config,
+                                        quant_config=quant_config, prefix=f"{prefix}.self_attn")
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.moe = (VerticalExperts if config.vertical else HorizontalExperts)(config)
+        self.router = Router(config) if config.is_routing_layer(layer) else None
+
+    def forward(self, positions_T, x_TD, routing, mask):
+        h_TD = x_TD + self.self_attn(positions_T, self.input_layernorm(x_TD))
+        y_TD = self.post_attention_layernorm(h_TD)
+        if self.router is not None:
+            routing = self.router(y_TD)  # g1, g2 [T, H, E] float32
+        return h_TD + self.moe(y_TD, *routing, mask), routing
+
+
+class MonetModel(nn.Module):
+    def __init__(self, config: MonetConfig, *, cache_config, quant_config, prefix: str):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            MonetDecoderLayer(config, l, cache_config=cache_config, quant_config=quant_config,
+                              prefix=f"{prefix}.layers.{l}")
+            for l in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MonetForCausalLM(nn.Module):
+    """vLLM's MonetForCausalLM. Parameter names follow the Hugging Face checkpoints, except
+    q/k/v_proj, which load into the fused qkv_proj."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        hf_config = vllm_config.model_config.hf_config
+        self.config = config = hf_config.to_monet_config()
+        quant_config = vllm_config.quant_config
+        self.model = MonetModel(config, cache_config=vllm_config.cache_config,
+                                quant_config=quant_config, prefix=f"{prefix}model" if not prefix
+                                else f"{prefix}.model")
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
+                                      quant_config=quant_config, prefix=f"{prefix}lm_head")
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+        for layer in self.model.layers:  # router statistics stay float32 (the router's dtype)
+            if layer.router is not None:
+                for norm in (layer.router.norm1, layer.router.norm2):
+                    norm.float()
+        device = self.lm_head.weight.device
+        self.mask_slots = MaskSlots(
+            num_layers=config.num_hidden_layers, num_experts=config.moe_experts,
+            num_slots=int(getattr(hf_config, "monet_mask_slots", DEFAULT_MASK_SLOTS)),
+            max_rows=vllm_config.scheduler_config.max_num_seqs, device=device)
+        attach(self.mask_slots)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def _query_start_loc(self) -> torch.Tensor | None:
+        if not is_forward_context_available():
+            return None
+        metadata = get_forward_context().attn_metadata
+        if not isinstance(metadata, dict) or not metadata:
+            return None  # profiling / dummy runs: no requests
+        return next(iter(metadata.values())).query_start_loc
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors=None, inputs_embeds: torch.Tensor | None = None,
+                **kwargs) -> torch.Tensor:
+        x_TD = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        T = x_TD.shape[0]
+        slots = self.mask_slots
+        qsl = self._query_start_loc()
+        # On CPU (eager) skip the mask path when no row is masked; on CUDA graphs the same
+        # tensors are always passed and the Triton kernels read profile_T without a host sync.
+        masked = qsl is not None and (slots.any_masked or x_TD.is_cuda)
+        profile_T = slots.token_profiles(qsl, T) if masked else None
+        capture = qsl is not None and bool(slots.row_capture)
+        routing = None
+        for layer in self.model.layers:
+            mask = (slots.tables_LPW[layer.layer], profile_T) if masked else None
+            x_TD, routing = layer(positions, x_TD, routing, mask)
+            if capture and layer.router is not None:
+                slots.record_routing(layer.layer, *routing, qsl)
+        return self.model.norm(x_TD)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        buffers = dict(self.named_buffers())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            shard = next((s for s in ("q", "k", "v") if f".{s}_proj." in name), None)
+            if shard is not None:
+                name = name.replace(f".{shard}_proj.", ".qkv_proj.")
+                params[name].weight_loader(params[name], tensor, shard)
+            elif name in params:
+                param = params[name]
+                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+            elif name in buffers:  # router BatchNorm statistics and counters
+                buffers[name].copy_(tensor.to(buffers[name].dtype))
+            else:
+                raise KeyError(f"checkpoint tensor {name} has no place in MonetForCausalLM")
+            loaded.add(name)
+        return loaded

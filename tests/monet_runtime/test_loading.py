@@ -1,0 +1,137 @@
+"""Checkpoint and config errors name what is wrong; sharded checkpoints load; memory stays low."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from monet_runtime import CheckpointError, ConfigError, MonetConfig, load_model
+from monet_runtime.testing import make_random_checkpoint
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    return make_random_checkpoint(tmp_path / "ckpt", seed=1)
+
+
+def rewrite_weights(path, edit):
+    state = load_file(path / "model.safetensors")
+    edit(state)
+    save_file(state, path / "model.safetensors")
+
+
+def test_round_trip_and_identity(ckpt, tmp_path):
+    model = load_model(ckpt)
+    ids = torch.tensor([[1, 2, 3]])
+    assert model.identity.startswith("monet-")
+    copy = shutil.copytree(ckpt, tmp_path / "copy")
+    assert load_model(copy).identity == model.identity
+    assert load_model(copy, dtype=torch.bfloat16).identity == model.identity
+    other = make_random_checkpoint(tmp_path / "other", moe_experts=24)
+    assert load_model(other).identity != model.identity
+    assert torch.equal(load_model(copy)(ids).logits, model(ids).logits)
+
+
+def test_sharded_checkpoint(ckpt, tmp_path):
+    state = load_file(ckpt / "model.safetensors")
+    names = sorted(state)
+    out = tmp_path / "sharded"
+    out.mkdir()
+    shutil.copy(ckpt / "config.json", out)
+    halves = {"model-00001-of-00002.safetensors": names[::2],
+              "model-00002-of-00002.safetensors": names[1::2]}
+    weight_map = {}
+    for shard, keys in halves.items():
+        save_file({k: state[k] for k in keys}, out / shard)
+        weight_map.update({k: shard for k in keys})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    ids = torch.tensor([[4, 5, 6]])
+    assert torch.equal(load_model(out)(ids).logits, load_model(ckpt)(ids).logits)
+    (out / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing shard model-00002"):
+        load_model(out)
+
+
+def test_missing_unexpected_misshaped_tensors(ckpt):
+    rewrite_weights(ckpt, lambda s: s.pop("model.layers.1.moe.v12.weight"))
+    with pytest.raises(CheckpointError, match=r"lacks tensors: model\.layers\.1\.moe\.v12\.weight"):
+        load_model(ckpt)
+    rewrite_weights(ckpt, lambda s: s.update({
+        "model.layers.1.moe.v12.weight": torch.zeros(32, 64), "model.extra.weight": torch.zeros(2)}))
+    with pytest.raises(CheckpointError, match=r"unexpected tensors: model\.extra\.weight"):
+        load_model(ckpt)
+    rewrite_weights(ckpt, lambda s: s.pop("model.extra.weight"))
+    assert load_model(ckpt)  # now whole again
+    rewrite_weights(ckpt, lambda s: s.update({"model.layers.0.router.w1.weight": torch.zeros(3, 64)}))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.router\.w1\.weight has shape \(3, 64\)"):
+        load_model(ckpt)
+
+
+def test_no_weights_or_directory(tmp_path, ckpt):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "nowhere")
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_model(ckpt)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("moe_experts", 0, "moe_experts' must be a positive integer"),
+    ("moe_experts", "512", "moe_experts' must be a positive integer"),
+    ("moe_topk", 64, "moe_topk' must be below moe_experts"),
+    ("moe_decompose", "diagonal", "moe_decompose' must be 'vertical' or 'horizontal'"),
+    ("num_key_value_heads", 3, "num_key_value_heads' must divide"),
+    ("model_type", "llama", "model_type' must be 'monet'"),
+    ("hidden_act", "silu", "hidden_act' must be 'relu2'"),
+    ("rope_scaling", {"type": "linear", "factor": 2}, "rope_scaling' is not supported"),
+    ("rms_norm_eps", -1, "rms_norm_eps' must be a positive number"),
+])
+def test_bad_config_values(ckpt, field, value, message):
+    config = json.loads((ckpt / "config.json").read_text())
+    config[field] = value
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=message):
+        load_model(ckpt)
+
+
+def test_config_keeps_unknown_fields(tiny_fixture):
+    config = MonetConfig.from_file(tiny_fixture / "model")
+    assert config.extra["transformers_version"] == "4.46.3"
+    assert config.to_dict()["transformers_version"] == "4.46.3"
+    assert MonetConfig.from_dict(config.to_dict()) == config
+
+
+def test_bad_config_files(ckpt):
+    (ckpt / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_model(ckpt)
+    (ckpt / "config.json").unlink()
+    with pytest.raises(ConfigError, match="no config.json"):
+        load_model(ckpt)
+
+
+LOAD_AND_REPORT = """
+import resource, sys, torch
+from monet_runtime import load_model
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model = load_model(sys.argv[1], dtype=torch.float32)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) * 1024, sum(t.numel() * t.element_size() for t in model.state_dict().values()))
+"""
+
+
+def test_loading_peak_memory_is_about_the_model_size(tmp_path):
+    """A ~190 MB checkpoint loads with a peak RSS growth of at most 1.25x its size."""
+    path = make_random_checkpoint(tmp_path / "big", hidden_size=512, num_hidden_layers=8,
+                                  moe_experts=256, moe_dim=16, moe_heads=4, moe_topk=8,
+                                  num_attention_heads=4, num_key_value_heads=4,
+                                  vocab_size=1024)
+    run = subprocess.run([sys.executable, "-c", LOAD_AND_REPORT, str(path)],
+                         capture_output=True, text=True, check=True)
+    grown, size = map(int, run.stdout.split())
+    assert size > 150e6
+    assert grown <= 1.25 * size, f"peak RSS grew {grown / 1e6:.0f} MB for {size / 1e6:.0f} MB"

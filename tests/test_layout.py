@@ -1,0 +1,39 @@
+"""Imports go one way: kernels <- monet_runtime <- masks <- server; monet_cli composes them."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT = {"kernels", "monet_runtime", "masks", "server", "monet_cli"}
+
+# package -> project packages and heavy libraries it must not import
+FORBIDDEN = {
+    "kernels": PROJECT - {"kernels"} | {"numpy", "safetensors", "fastapi", "redis"},
+    "monet_runtime": {"masks", "server", "monet_cli", "fastapi", "redis"},
+    "masks": {"server", "monet_cli", "fastapi", "triton", "kernels"},
+    "server": {"monet_cli", "torch", "triton", "kernels"},
+    "training": {"server", "monet_cli", "fastapi"},
+}
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_imports_go_one_way(package):
+    files = sorted((ROOT / package).rglob("*.py"))
+    assert files, f"package {package} has no modules"
+    offenders = {
+        str(f.relative_to(ROOT)): sorted(imported_modules(f) & FORBIDDEN[package]) for f in files
+    }
+    assert {f: bad for f, bad in offenders.items() if bad} == {}
