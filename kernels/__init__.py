@@ -1,0 +1,47 @@
+"""Kernels for MONET layers: router and masked expert mixing.
+
+Each operation has a plain-torch reference (also the CPU path), Triton kernels for CUDA and a
+launcher that checks its inputs and picks one (`impl="triton"` / `"reference"` forces a choice;
+on a CPU the Triton kernels then need TRITON_INTERPRET=1). Only torch and triton are imported.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from kernels.mixing import (
+    NO_PROFILE,
+    MixHD,
+    MixVD,
+    bitset_words,
+    mix_hd,
+    mix_hd_reference,
+    mix_vd,
+    mix_vd_reference,
+)
+from kernels.router import route, route_reference, router_sigma
+
+__all__ = [
+    "NO_PROFILE",
+    "MixHD",
+    "MixVD",
+    "bitset_words",
+    "mix_hd",
+    "mix_hd_reference",
+    "mix_vd",
+    "mix_vd_reference",
+    "route",
+    "route_reference",
+    "router_sigma",
+    "triton_available",
+]
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether Triton can be imported (its kernels still need a CUDA tensor to run)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,267 @@
+"""Masked expert mixing: the inputs of MONET's `v` projections, with per-token mask profiles.
+
+Unmasked, the composite weights g_ij = sum_h g1[h,i] g2[h,j] factorise, so every output below
+costs O(H E M) per token and the E x E matrix is never built. A masked token subtracts only its
+masked *active* pairs, head by head: for each head h, the pairs (i, j) with g1[h,i] > 0 and
+g2[h,j] > 0 (about k^2 of them) are looked up in the profile's bitset, and each masked one
+removes w = g1[h,i] g2[h,j] times its terms. Summed over heads, w is exactly g_ij (g_ij = 0
+for masked pairs, nothing renormalised): O(H k^2) lookups and O(masked pairs x M) work.
+
+Outputs, for one token (VD, a = relu2(u1 y) and b = relu2(u2 y) as [E, M]):
+    c1[i]  = sum_j G_ij           c2[j]  = sum_i G_ij          (G = g with masked pairs zeroed)
+    x11[i] = c1[i] a_i            x12[i] = sum_j G_ij b_j
+    x21[j] = sum_i G_ij a_i       x22[j] = c2[j] b_j
+so that VD's first half is v11(x11) + v12(x12) + c1 @ b1 and its second half
+v21(x21) + v22(x22) + c2 @ b2. HD (x = relu2(u y)) needs x21 and c2 only: v(x21) + c2 @ b.
+
+Mask tables are bitsets: int32 [P, W], W = ceil(E*E / 32); composite expert n = i*E + j is bit
+n % 32 of word n // 32. profile_T[t] in [0, P) selects a row, -1 means "no mask".
+
+Legend: T tokens, H routing heads, E experts per side, M expert width (m/2 for VD, m for HD),
+P mask profiles, K1 / K2 experts a head routes one token to on side 1 / 2.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "MixVD",
+    "MixHD",
+    "NO_PROFILE",
+    "bitset_words",
+    "mix_vd",
+    "mix_hd",
+    "mix_vd_reference",
+    "mix_hd_reference",
+    "MaskedPairs",
+    "masked_active_pairs",
+]
+
+NO_PROFILE = -1
+
+
+class MixVD(NamedTuple):
+    x11: torch.Tensor  # [T, E*M]
+    x12: torch.Tensor  # [T, E*M]
+    x21: torch.Tensor  # [T, E*M]
+    x22: torch.Tensor  # [T, E*M]
+    c1: torch.Tensor  # [T, E]
+    c2: torch.Tensor  # [T, E]
+
+
+class MixHD(NamedTuple):
+    x: torch.Tensor  # [T, E*M]
+    c2: torch.Tensor  # [T, E]
+
+
+def bitset_words(num_experts: int) -> int:
+    """Words of one mask-table row for E experts per side."""
+    return (num_experts * num_experts + 31) // 32
+
+
+def _mix_through(x_TEM: torch.Tensor, g_src_THE: torch.Tensor, g_dst_THE: torch.Tensor):
+    """out[t, d] = sum_s (sum_h g_src[t,h,s] g_dst[t,h,d]) x[t, s]: the factorised pair sum."""
+    per_head_THM = torch.bmm(g_src_THE, x_TEM)
+    return torch.bmm(g_dst_THE.transpose(1, 2), per_head_THM)
+
+
+class MaskedPairs(NamedTuple):
+    """The masked active pairs of a batch, one entry per (token, head, pair)."""
+
+    token: torch.Tensor  # [N] int64
+    i: torch.Tensor  # [N] side-1 expert
+    j: torch.Tensor  # [N] side-2 expert
+    weight: torch.Tensor  # [N] g1[h, i] g2[h, j], float32 or better
+
+
+def masked_active_pairs(
+    g1_THE: torch.Tensor,
+    g2_THE: torch.Tensor,
+    mask_table_PW: torch.Tensor,
+    profile_T: torch.Tensor,
+) -> MaskedPairs:
+    """Per token and head, the pairs (i, j) with g1[h, i] > 0, g2[h, j] > 0 that the token's
+    profile masks, with their weight g1[h, i] g2[h, j]. Summed over heads, the weights of a
+    pair are its g_ij. Each head routes to about k experts per side, so the candidates are
+    about H k^2 per token, looked up in the bitset; only the masked ones are kept."""
+    T, H, E = g1_THE.shape
+    K1 = max(int((g1_THE > 0).sum(-1).max()), 1) if T else 1
+    K2 = max(int((g2_THE > 0).sum(-1).max()), 1) if T else 1
+    g1_THK, I_THK = g1_THE.topk(K1, dim=-1)
+    g2_THK, J_THK = g2_THE.topk(K2, dim=-1)
+    # composite n = i*E + j is bit n % 32 of word n // 32 of the profile's row (int32 index
+    # arithmetic: E*E and P*W stay far below 2^31; no [T, W] copy of the rows)
+    W = mask_table_PW.shape[1]
+    n = (I_THK.int() * E)[..., :, None] + J_THK.int()[..., None, :]  # [T, H, K1, K2]
+    word_index = (profile_T.clamp_min(0).int() * W)[:, None, None, None] + (n >> 5)
+    masked = ((mask_table_PW.reshape(-1)[word_index] >> (n & 31)) & 1).bool()
+    masked &= (profile_T >= 0)[:, None, None, None]
+    masked &= (g1_THK > 0)[..., :, None] & (g2_THK > 0)[..., None, :]  # topk padding
+    t, h, a, b = masked.nonzero(as_tuple=True)
+    weight = g1_THK[t, h, a] * g2_THK[t, h, b]
+    return MaskedPairs(t, I_THK[t, h, a], J_THK[t, h, b], weight)
+
+
+def _remove_pairs(out_TEM, pairs: MaskedPairs, src_TEM, *, into_side2: bool):
+    """out[t, j] -= w src[t, i] (into_side2) or out[t, i] -= w src[t, j], over the pairs."""
+    T, E, M = out_TEM.shape
+    dst, src = (pairs.j, pairs.i) if into_side2 else (pairs.i, pairs.j)
+    rows = src_TEM.reshape(T * E, M)[pairs.token * E + src].to(pairs.weight.dtype)
+    delta = (rows * -pairs.weight[:, None]).to(out_TEM.dtype)
+    out_TEM.view(T * E, M).index_add_(0, pairs.token * E + dst, delta)
+
+
+def _remove_weights(c_TE, pairs: MaskedPairs, *, side2: bool):
+    """c[t, i] (or c[t, j]) -= w over the pairs: the masked share of each expert's weight."""
+    T, E = c_TE.shape
+    idx = pairs.token * E + (pairs.j if side2 else pairs.i)
+    c_TE.view(T * E).index_add_(0, idx, (-pairs.weight).to(c_TE.dtype))
+
+
+def _any_profile(profile_T: torch.Tensor | None, T: int) -> bool:
+    if profile_T is None:
+        return False
+    if profile_T.shape != (T,):
+        raise ValueError(f"profile_T must be [{T}], got {tuple(profile_T.shape)}")
+    return bool((profile_T >= 0).any())
+
+
+def mix_vd_reference(
+    a_TEM: torch.Tensor,
+    b_TEM: torch.Tensor,
+    g1_THE: torch.Tensor,
+    g2_THE: torch.Tensor,
+    mask_table_PW: torch.Tensor | None = None,
+    profile_T: torch.Tensor | None = None,
+) -> MixVD:
+    """Plain-torch VD mixing. a, b: [T, E, M] activations; g1, g2: [T, H, E] router weights.
+
+    All outputs take a's dtype; g is cast to it first, as in the authors' release.
+    """
+    T, E, M = a_TEM.shape
+    g1 = g1_THE.to(a_TEM.dtype)
+    g2 = g2_THE.to(a_TEM.dtype)
+    c1_TE = g1.sum(1)
+    c2_TE = g2.sum(1)
+    x12_TEM = _mix_through(b_TEM, g2, g1)
+    x21_TEM = _mix_through(a_TEM, g1, g2)
+    if _any_profile(profile_T, T):
+        # every token goes through the pair correction: W is zero for tokens without a profile
+        wdtype = torch.promote_types(g1.dtype, torch.float32)  # pair weights: >= float32
+        # the g of the factorised path (rounded to the activations' dtype), so that a fully
+        # masked expert cancels exactly
+        pairs = masked_active_pairs(g1.to(wdtype), g2.to(wdtype), mask_table_PW, profile_T)
+        _remove_weights(c1_TE, pairs, side2=False)
+        _remove_weights(c2_TE, pairs, side2=True)
+        _remove_pairs(x12_TEM, pairs, b_TEM, into_side2=False)
+        _remove_pairs(x21_TEM, pairs, a_TEM, into_side2=True)
+    x11_TEM = a_TEM * c1_TE[:, :, None]
+    x22_TEM = b_TEM * c2_TE[:, :, None]
+    return MixVD(
+        x11_TEM.reshape(T, E * M),
+        x12_TEM.reshape(T, E * M),
+        x21_TEM.reshape(T, E * M),
+        x22_TEM.reshape(T, E * M),
+        c1_TE,
+        c2_TE,
+    )
+
+
+def mix_hd_reference(
+    x_TEM: torch.Tensor,
+    g1_THE: torch.Tensor,
+    g2_THE: torch.Tensor,
+    mask_table_PW: torch.Tensor | None = None,
+    profile_T: torch.Tensor | None = None,
+) -> MixHD:
+    """Plain-torch HD mixing. x: [T, E, M] activations relu2(u y); g1, g2: [T, H, E]."""
+    T, E, M = x_TEM.shape
+    g1 = g1_THE.to(x_TEM.dtype)
+    g2 = g2_THE.to(x_TEM.dtype)
+    c2_TE = g2.sum(1)
+    out_TEM = _mix_through(x_TEM, g1, g2)
+    if _any_profile(profile_T, T):
+        wdtype = torch.promote_types(g1.dtype, torch.float32)  # pair weights: >= float32
+        # the g of the factorised path (rounded to the activations' dtype), so that a fully
+        # masked expert cancels exactly
+        pairs = masked_active_pairs(g1.to(wdtype), g2.to(wdtype), mask_table_PW, profile_T)
+        _remove_weights(c2_TE, pairs, side2=True)
+        _remove_pairs(out_TEM, pairs, x_TEM, into_side2=True)
+    return MixHD(out_TEM.reshape(T, E * M), c2_TE)
+
+
+def _check_mix_inputs(x_TEM, g1_THE, g2_THE, mask_table_PW, profile_T):
+    if x_TEM.dim() != 3:
+        raise ValueError(f"expert activations must be [T, E, M], got {tuple(x_TEM.shape)}")
+    T, E, _ = x_TEM.shape
+    for name, g in (("g1", g1_THE), ("g2", g2_THE)):
+        if g.dim() != 3 or g.shape[0] != T or g.shape[2] != E:
+            raise ValueError(f"{name} must be [{T}, H, {E}], got {tuple(g.shape)}")
+    if g1_THE.shape != g2_THE.shape:
+        raise ValueError(f"g1 {tuple(g1_THE.shape)} and g2 {tuple(g2_THE.shape)} differ")
+    for name, t in (("activations", x_TEM), ("g1", g1_THE), ("g2", g2_THE)):
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+    if (mask_table_PW is None) != (profile_T is None):
+        raise ValueError("mask_table and profile_T go together")
+    if mask_table_PW is not None:
+        if mask_table_PW.dtype != torch.int32 or mask_table_PW.dim() != 2:
+            raise TypeError("mask_table must be int32 [P, W]")
+        if mask_table_PW.shape[1] != bitset_words(E):
+            raise ValueError(
+                f"mask_table rows must have {bitset_words(E)} words for E={E}, "
+                f"got {mask_table_PW.shape[1]}"
+            )
+        if profile_T.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"profile_T must be int32 or int64, got {profile_T.dtype}")
+        if profile_T.shape != (T,):
+            raise ValueError(f"profile_T must be [{T}], got {tuple(profile_T.shape)}")
+
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _use_triton(x: torch.Tensor, impl: str | None) -> bool:
+    """impl None: Triton for CUDA activations of a Triton dtype; "triton" / "reference" force."""
+    from kernels import triton_available
+
+    if impl is None:
+        return x.is_cuda and x.dtype in _TRITON_DTYPES and triton_available()
+    if impl not in ("triton", "reference"):
+        raise ValueError(f"impl must be None, 'triton' or 'reference', got {impl!r}")
+    if impl == "triton" and x.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"the Triton mixing kernels take {_TRITON_DTYPES}, got {x.dtype}")
+    return impl == "triton"
+
+
+def mix_vd(
+    a_TEM, b_TEM, g1_THE, g2_THE, mask_table_PW=None, profile_T=None, *, impl=None
+) -> MixVD:
+    """VD mixing launcher: Triton on CUDA, the reference elsewhere. Shapes as mix_vd_reference.
+
+    impl: None picks, "triton" forces the Triton kernels (on CPU they need TRITON_INTERPRET=1),
+    "reference" forces the plain-torch path.
+    """
+    _check_mix_inputs(a_TEM, g1_THE, g2_THE, mask_table_PW, profile_T)
+    if a_TEM.shape != b_TEM.shape or a_TEM.dtype != b_TEM.dtype:
+        raise ValueError(
+            f"a {tuple(a_TEM.shape)} {a_TEM.dtype} and b {tuple(b_TEM.shape)} {b_TEM.dtype} differ"
+        )
+    if _use_triton(a_TEM, impl):
+        from kernels.mixing_triton import mix_vd_triton
+
+        return mix_vd_triton(a_TEM, b_TEM, g1_THE, g2_THE, mask_table_PW, profile_T)
+    return mix_vd_reference(a_TEM, b_TEM, g1_THE, g2_THE, mask_table_PW, profile_T)
+
+
+def mix_hd(x_TEM, g1_THE, g2_THE, mask_table_PW=None, profile_T=None, *, impl=None) -> MixHD:
+    """HD mixing launcher: Triton on CUDA, the reference elsewhere. Shapes as mix_hd_reference."""
+    _check_mix_inputs(x_TEM, g1_THE, g2_THE, mask_table_PW, profile_T)
+    if _use_triton(x_TEM, impl):
+        from kernels.mixing_triton import mix_hd_triton
+
+        return mix_hd_triton(x_TEM, g1_THE, g2_THE, mask_table_PW, profile_T)
+    return mix_hd_reference(x_TEM, g1_THE, g2_THE, mask_table_PW, profile_T)
