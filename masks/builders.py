@@ -1,0 +1,309 @@
+"""Build mask profiles: route a corpus through the model, accumulate statistics, select.
+
+    stats = collect_label_statistics(model, "corpus.jsonl")          # domain / language
+    profile = specificity_profile(stats, "python", name="no-python", kind="language")
+    tox = collect_correlation_statistics(model, "rtp.jsonl", score_field="toxicity")
+    profile = toxicity_profile(tox, name="detox-0.1", threshold=0.1)
+Statistics are per routing layer (layers of a routing group share g1, g2), so a selection
+holds for every layer of its group; `layers` restricts a profile to some layers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from masks.corpus import (
+    Batch,
+    CorpusError,
+    Record,
+    Scorer,
+    batches,
+    corpus_fingerprint,
+    read_corpus,
+)
+from masks.criteria import correlated_experts, specific_experts
+from masks.schema import MaskError, MaskProfile, ProfileKind, Provenance
+from masks.statistics import (
+    CorrelationAccumulator,
+    CorrelationStatistics,
+    LabelAccumulator,
+    LabelStatistics,
+    Method,
+    group_layers,
+)
+from monet_runtime.expert_mask import ExpertMask
+
+__all__ = [
+    "BUILDER",
+    "collect_correlation_statistics",
+    "collect_label_statistics",
+    "composite_profile",
+    "manual_profile",
+    "route_batches",
+    "selection_to_mask",
+    "specificity_profile",
+    "toxicity_profile",
+]
+
+BUILDER = "monet-serve masks 0.1"
+
+
+def _shape(model) -> dict[str, int]:
+    c = model.config
+    return dict(num_layers=c.num_hidden_layers, num_experts=c.moe_experts, num_heads=c.moe_heads,
+                groups=c.moe_groups)
+
+
+def _routing_layers(model) -> list[int]:
+    c = model.config
+    return [l for l in range(c.num_hidden_layers) if c.is_routing_layer(l)]
+
+
+def route_batches(
+    model,
+    records: Iterable[Record],
+    *,
+    batch_tokens: int = 8192,
+    max_length: int = 512,
+    scorer: Scorer | None = None,
+    progress: bool | str = True,
+) -> Iterable[tuple[Batch, dict[int, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]]:
+    """Yields (batch, router weights of its routed tokens {routing layer: (g1, g2) [N, H, E]},
+    keep [B, T] bool saying which tokens those are, row-major)."""
+    if model.tokenizer is None:
+        raise ValueError("the model has no tokenizer: load it with load_model(..., tokenizer=True)")
+    device = model.device
+    bar = tqdm(desc=progress if isinstance(progress, str) else "routing", unit="tok",
+               unit_scale=True, disable=not progress)
+    try:
+        for batch in batches(records, model.tokenizer, batch_tokens=batch_tokens,
+                             max_length=max_length, scorer=scorer):
+            with torch.inference_mode():
+                out = model(batch.input_ids.to(device), output_router_probs=True,
+                            attention_mask=batch.attention_mask.to(device))
+            keep = batch.routed_tokens()
+            keep_dev = keep.to(device)
+            probs = {l: (g1[keep_dev], g2[keep_dev]) for l, (g1, g2) in out.router_probs.items()}
+            del out
+            yield batch, probs, keep
+            bar.update(batch.tokens)
+    finally:
+        bar.close()
+
+
+def collect_label_statistics(
+    model,
+    corpus: str | Path | Iterable[Record],
+    *,
+    text_field: str = "text",
+    label_field: str = "label",
+    batch_tokens: int = 8192,
+    max_length: int = 512,
+    method: Method = "auto",
+    progress: bool = True,
+) -> LabelStatistics:
+    """Sum of composite routing weights per label and routing layer over a labelled corpus."""
+    records, fingerprint = _open(corpus, text_field=text_field, label_field=label_field)
+    acc = LabelAccumulator(routing_layers=_routing_layers(model), method=method,
+                           device=model.device, **_shape(model))
+    for batch, probs, keep in route_batches(model, records, batch_tokens=batch_tokens,
+                                            max_length=max_length, progress=progress):
+        if any(label is None for label in batch.labels):
+            raise CorpusError(f"a text has no '{label_field}': label every text")
+        counts = keep.sum(1).tolist()
+        labels_T = [label for label, n in zip(batch.labels, counts, strict=True)
+                    for _ in range(n)]
+        acc.add(probs, labels_T)
+    return acc.result(model_id=model.identity, corpus_fingerprint=fingerprint)
+
+
+def collect_correlation_statistics(
+    model,
+    corpus: str | Path | Iterable[Record],
+    *,
+    text_field: str = "text",
+    score_field: str | None = "toxicity",
+    scorer: Scorer | None = None,
+    batch_tokens: int = 8192,
+    max_length: int = 512,
+    method: Method = "auto",
+    progress: bool = True,
+) -> CorrelationStatistics:
+    """Sums for the correlation of composite routing weights with a per-token score: the
+    corpus's `score_field` (a number per text, spread over its tokens, or a list with one
+    number per token) or `scorer(text)`, which returns the same."""
+    records, fingerprint = _open(corpus, text_field=text_field, label_field="label",
+                                 score_field=None if scorer else score_field)
+    acc = CorrelationAccumulator(routing_layers=_routing_layers(model), method=method,
+                                 device=model.device, **_shape(model))
+    for batch, probs, keep in route_batches(model, records, batch_tokens=batch_tokens,
+                                            max_length=max_length, scorer=scorer,
+                                            progress=progress):
+        if batch.scores is None:
+            raise CorpusError(f"no scores: give '{score_field}' in the corpus or a scorer")
+        acc.add(probs, batch.scores[keep])
+    return acc.result(model_id=model.identity, corpus_fingerprint=fingerprint)
+
+
+def _open(corpus, **fields) -> tuple[Iterable[Record], str]:
+    if isinstance(corpus, (str, Path)):
+        return read_corpus(corpus, **fields), corpus_fingerprint(corpus)
+    records = list(corpus)
+    digest = hashlib.sha256(repr([(r.text, r.label, r.score) for r in records]).encode())
+    return records, f"sha256:{digest.hexdigest()[:32]}"
+
+
+# ---- selections to profiles --------------------------------------------------------------
+def selection_to_mask(
+    selected_RXX: np.ndarray,
+    routing_layers: Sequence[int],
+    *,
+    groups: int,
+    num_layers: int,
+    layers: Iterable[int] | None = None,
+) -> ExpertMask:
+    """bool [R, E, E] per routing layer -> an ExpertMask over every layer of each group."""
+    allowed = None if layers is None else set(layers)
+    E = selected_RXX.shape[-1]
+    out: dict[int, np.ndarray] = {}
+    for r, routing_layer in enumerate(routing_layers):
+        pairs = np.argwhere(selected_RXX[r])
+        for layer in group_layers(routing_layer, groups=groups, num_layers=num_layers):
+            if allowed is None or layer in allowed:
+                out[layer] = pairs
+    return ExpertMask(out, num_experts=E)
+
+
+def specificity_profile(
+    stats: LabelStatistics,
+    target: str,
+    *,
+    name: str,
+    kind: ProfileKind = "domain",
+    factor: float | None = 2.0,
+    floor: float = 0.1,
+    min_mass: float = 1.0,
+    coverage: float | None = None,
+    layers: Iterable[int] | None = None,
+    description: str = "",
+    created_by: str | None = None,
+) -> MaskProfile:
+    """Remove the experts specific to `target` (the paper's domain / language masks).
+
+    factor: weight on the target >= factor x weight on the second label (the paper: 2).
+    floor: minimum mean weight on the target, in units of the uniform weight H / E^2.
+    min_mass: minimum total weight on the target over its tokens (token-equivalents), so that
+        an expert seen on a handful of tokens is not selected by noise.
+    coverage: take the most specific experts until they carry this share of the target's mass
+        (per routing layer); factor then only bounds the candidates (None: all).
+    """
+    t = stats.label_index(target)
+    E, H = stats.num_experts, stats.num_heads
+    uniform = H / E**2
+    absolute_floor = max(floor * uniform, min_mass / max(int(stats.tokens[t]), 1))
+    mean = stats.mean()  # [labels, R, E, E]
+    selected = np.stack([
+        specific_experts(mean[:, r].reshape(len(stats.labels), -1), t, factor=factor,
+                         floor=absolute_floor, coverage=coverage).reshape(E, E)
+        for r in range(len(stats.routing_layers))
+    ])
+    mask = selection_to_mask(selected, stats.routing_layers, groups=stats.groups,
+                             num_layers=stats.num_layers, layers=layers)
+    return MaskProfile(
+        name=name, description=description, kind=kind, model_id=stats.model_id,
+        num_layers=stats.num_layers, num_experts=E, experts=mask,
+        provenance=_provenance(
+            criterion="coverage" if coverage is not None else "specificity",
+            thresholds=dict(factor=factor, floor=floor, min_mass=min_mass, coverage=coverage,
+                            absolute_floor=absolute_floor,
+                            layers=None if layers is None else ",".join(map(str, layers))),
+            corpus_fingerprint=stats.corpus_fingerprint, target=target,
+            labels=list(stats.labels), tokens=int(stats.tokens.sum()), created_by=created_by),
+    )
+
+
+def toxicity_profile(
+    stats: CorrelationStatistics,
+    *,
+    name: str,
+    threshold: float = 0.1,
+    layers: Iterable[int] | None = None,
+    description: str = "",
+    created_by: str | None = None,
+) -> MaskProfile:
+    """Remove experts whose routing weight correlates with toxicity above `threshold`
+    (the paper: 0.2 / 0.1 / 0.05 removed about 1% / 4% / 14%)."""
+    selected = correlated_experts(stats.pearson(), threshold)
+    mask = selection_to_mask(selected, stats.routing_layers, groups=stats.groups,
+                             num_layers=stats.num_layers, layers=layers)
+    return MaskProfile(
+        name=name, description=description, kind="toxicity", model_id=stats.model_id,
+        num_layers=stats.num_layers, num_experts=stats.num_experts, experts=mask,
+        provenance=_provenance(
+            criterion="pearson",
+            thresholds=dict(threshold=threshold,
+                            layers=None if layers is None else ",".join(map(str, layers))),
+            corpus_fingerprint=stats.corpus_fingerprint, tokens=stats.n,
+            created_by=created_by),
+    )
+
+
+def manual_profile(
+    experts: ExpertMask | dict[str, Any] | str | Path,
+    *,
+    name: str,
+    model_id: str,
+    num_layers: int,
+    num_experts: int,
+    description: str = "",
+    created_by: str | None = None,
+) -> MaskProfile:
+    """A profile from a hand-made list: an ExpertMask, its JSON form, or a JSON file."""
+    mask = experts if isinstance(experts, ExpertMask) else ExpertMask.from_json(
+        experts if isinstance(experts, dict) else Path(experts), num_experts=num_experts)
+    mask = mask.validate(num_layers=num_layers, num_experts=num_experts)  # MaskError, clearly
+    return MaskProfile(
+        name=name, description=description, kind="manual", model_id=model_id,
+        num_layers=num_layers, num_experts=num_experts, experts=mask,
+        provenance=_provenance(criterion="manual", created_by=created_by),
+    )
+
+
+def composite_profile(
+    parts: Sequence[MaskProfile],
+    *,
+    name: str,
+    description: str = "",
+    created_by: str | None = None,
+) -> MaskProfile:
+    """The union of other profiles, all built for the same model."""
+    if not parts:
+        raise MaskError("a composite profile needs at least one part")
+    first = parts[0]
+    for part in parts[1:]:
+        if (part.model_id, part.num_layers, part.num_experts) != (
+                first.model_id, first.num_layers, first.num_experts):
+            raise MaskError(f"cannot combine '{part.name}' (model {part.model_id}) with "
+                            f"'{first.name}' (model {first.model_id})")
+    mask = first.experts
+    for part in parts[1:]:
+        mask = mask | part.experts
+    return MaskProfile(
+        name=name, description=description, kind="composite", model_id=first.model_id,
+        num_layers=first.num_layers, num_experts=first.num_experts, experts=mask,
+        provenance=_provenance(criterion="union", created_by=created_by,
+                               sources=[f"{p.name}@{p.version}" for p in parts]),
+    )
+
+
+def _provenance(*, created_by: str | None, **fields) -> Provenance:
+    extra = {} if created_by is None else {"created_by": created_by}
+    return Provenance(builder=BUILDER, **fields, **extra)
+

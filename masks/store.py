@@ -1,0 +1,268 @@
+"""Mask profile stores: one interface (MaskStore), two implementations (local directory, Redis).
+
+Every write bumps a store-wide change sequence and the profile's version (monotonic per name,
+kept across deletes so (name, version) always names one content). `put`/`delete` take an
+`expected_version` for compare-and-set (0: the profile must not exist). A Watch turns the
+store's notifications into ChangeEvents and resynchronises from `changes(since)` whenever it
+may have missed some (a sequence gap, a dropped connection, or no news for a while), since
+notifications are at-most-once. Store failures raise StoreUnavailable, never "not found",
+so that callers can fail closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from masks.schema import MaskProfile, ProfileSummary
+
+__all__ = [
+    "MUST_NOT_EXIST",
+    "RESET",
+    "AsyncMaskStore",
+    "ChangeEvent",
+    "ChangeSet",
+    "MaskStore",
+    "ProfileNotFound",
+    "StoreError",
+    "StoreUnavailable",
+    "VersionConflict",
+    "Watch",
+    "open_store",
+]
+
+MUST_NOT_EXIST = 0  # expected_version for "create, do not overwrite"
+RESET = "*"  # ChangeEvent.name when the store lost its history: drop every cached profile
+
+
+class StoreError(Exception):
+    """Base of the store errors."""
+
+
+class ProfileNotFound(StoreError, LookupError):
+    def __init__(self, name: str, version: int | None = None):
+        what = f"'{name}'" if version is None else f"'{name}' version {version}"
+        super().__init__(f"mask profile {what} not found")
+        self.name, self.version = name, version
+
+
+class VersionConflict(StoreError):
+    """A compare-and-set write whose expected version is not the stored one."""
+
+    def __init__(self, name: str, expected: int, actual: int):
+        state = "does not exist" if actual == 0 else f"is at version {actual}"
+        want = "not to exist" if expected == 0 else f"version {expected}"
+        super().__init__(f"mask profile '{name}' {state}, the write expected {want}")
+        self.name, self.expected, self.actual = name, expected, actual
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached or failed: callers must not treat this as 'no profile'."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeEvent:
+    """A profile's state after change number `seq`: its latest version, or deleted."""
+
+    seq: int
+    name: str
+    version: int
+    deleted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeSet:
+    """The store's sequence number and the latest state of every name changed since."""
+
+    seq: int
+    events: list[ChangeEvent] = field(default_factory=list)
+
+
+@runtime_checkable
+class MaskStore(Protocol):
+    def get(self, name: str, version: int | None = None) -> MaskProfile:
+        """The latest (or the given, if still kept) version; ProfileNotFound otherwise."""
+        ...
+
+    def put(self, profile: MaskProfile, *, expected_version: int | None = None) -> MaskProfile:
+        """Store as the next version; returns the stored copy. VersionConflict when
+        expected_version is given and differs (0: must not exist)."""
+        ...
+
+    def delete(self, name: str, *, expected_version: int | None = None) -> int:
+        """Delete every kept version; returns the deleted version."""
+        ...
+
+    def list(self) -> list[ProfileSummary]: ...
+
+    def versions(self, name: str) -> list[int]:
+        """Kept versions of a profile, ascending (empty when absent)."""
+        ...
+
+    def current_seq(self) -> int: ...
+
+    def changes(self, since: int = 0) -> ChangeSet: ...
+
+    def watch(self, since: int | None = None) -> Watch:
+        """Notifications of changes after `since` (default: from now)."""
+        ...
+
+    def ping(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Watch:
+    """Change events with resynchronisation; subclasses implement `_receive`.
+
+    poll(timeout) returns the events after `last_seq` in order (possibly none). Notifications
+    are taken as hints: a gap in their sequence, a reconnection or `resync_interval` seconds
+    without news triggers `changes(last_seq)`, which is authoritative. Events are states,
+    so a duplicate is harmless: compare versions.
+    """
+
+    def __init__(self, store: MaskStore, *, since: int | None, resync_interval: float):
+        self._store = store
+        self.resync_interval = resync_interval
+        self.last_seq = store.current_seq() if since is None else since
+        self._needs_resync = since is not None
+        self._last_check = time.monotonic()
+        self.resyncs = 0  # how often changes() had to fill in (for tests and metrics)
+
+    def _receive(self, timeout: float) -> list[ChangeEvent]:
+        """Notifications within `timeout` seconds; set _needs_resync when some may be lost."""
+        raise NotImplementedError
+
+    def poll(self, timeout: float = 1.0) -> list[ChangeEvent]:
+        events: list[ChangeEvent] = []
+        if self._needs_resync:
+            events += self._resync()
+            if events:
+                return events
+        notes = self._receive(timeout)
+        for note in sorted(notes, key=lambda e: e.seq):
+            if note.seq <= self.last_seq:
+                continue
+            if note.seq > self.last_seq + 1:  # missed some: the store knows which
+                self._needs_resync = True
+                break
+            events.append(note)
+            self.last_seq = note.seq
+            self._last_check = time.monotonic()
+        if self._needs_resync or (
+            not notes and time.monotonic() - self._last_check >= self.resync_interval
+        ):
+            events += self._resync()
+        return events
+
+    def _resync(self) -> list[ChangeEvent]:
+        changes = self._store.changes(self.last_seq)
+        self._last_check = time.monotonic()
+        self._needs_resync = False
+        if changes.seq < self.last_seq:  # the store was wiped or replaced: start again
+            changes = self._store.changes(0)
+            events = [ChangeEvent(changes.seq, RESET, 0, True), *changes.events]
+        else:
+            events = [e for e in changes.events if e.seq > self.last_seq]
+        if events or changes.seq != self.last_seq:
+            self.resyncs += 1
+        self.last_seq = changes.seq
+        return events
+
+    def __iter__(self) -> Iterator[ChangeEvent]:
+        while True:
+            yield from self.poll(1.0)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class PollingWatch(Watch):
+    """For stores without push notifications: poll the change sequence."""
+
+    def __init__(self, store: MaskStore, *, since: int | None, poll_interval: float = 0.2):
+        super().__init__(store, since=since, resync_interval=poll_interval)
+        self.poll_interval = poll_interval
+
+    def _receive(self, timeout: float) -> list[ChangeEvent]:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._store.current_seq() != self.last_seq:
+                self._needs_resync = True
+                return []
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return []
+            time.sleep(min(self.poll_interval, left))
+
+
+class AsyncMaskStore:
+    """An asyncio facade over any MaskStore: each call runs in a worker thread."""
+
+    def __init__(self, store: MaskStore):
+        self.store = store
+
+    async def get(self, name: str, version: int | None = None) -> MaskProfile:
+        return await asyncio.to_thread(self.store.get, name, version)
+
+    async def put(self, profile: MaskProfile, *, expected_version: int | None = None):
+        return await asyncio.to_thread(self.store.put, profile, expected_version=expected_version)
+
+    async def delete(self, name: str, *, expected_version: int | None = None) -> int:
+        return await asyncio.to_thread(self.store.delete, name, expected_version=expected_version)
+
+    async def list(self) -> list[ProfileSummary]:
+        return await asyncio.to_thread(self.store.list)
+
+    async def changes(self, since: int = 0) -> ChangeSet:
+        return await asyncio.to_thread(self.store.changes, since)
+
+    async def ping(self) -> None:
+        await asyncio.to_thread(self.store.ping)
+
+    async def watch(
+        self, since: int | None = None, *, poll_timeout: float = 1.0
+    ) -> AsyncIterator[ChangeEvent]:
+        """Yields change events forever; StoreUnavailable ends it (call again to resume from
+        the last seq seen, which resynchronises)."""
+        watch = await asyncio.to_thread(self.store.watch, since)
+        try:
+            while True:
+                for event in await asyncio.to_thread(watch.poll, poll_timeout):
+                    yield event
+        finally:
+            watch.close()
+
+
+def open_store(
+    url: str | Path | None = None,
+    *,
+    namespace: str = "monet:masks",
+    default_dir: str | Path | None = None,
+    **options,
+) -> MaskStore:
+    """A store from a URL: redis://, rediss:// or unix:// for Redis; a path or file://path
+    for the local store; None for the local store in `default_dir`."""
+    text = str(url) if url is not None else ""
+    if text.startswith(("redis://", "rediss://", "unix://")):
+        from masks.redis_store import RedisMaskStore
+
+        return RedisMaskStore.from_url(text, namespace=namespace, **options)
+    from masks.local_store import LocalMaskStore
+
+    if text.startswith("file://"):
+        text = text.removeprefix("file://")
+    path = text or default_dir
+    if not path:
+        raise ValueError("no mask store configured: give a Redis URL or a directory")
+    return LocalMaskStore(path, **options)

@@ -1,0 +1,86 @@
+"""ProfileCache: hits without I/O, invalidation by another replica's writes, fail closed."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from masks.cache import ProfileCache
+from masks.local_store import LocalMaskStore
+from masks.redis_store import RedisMaskStore
+from masks.schema import ModelMismatch
+from masks.store import ProfileNotFound, StoreUnavailable
+
+
+class CountingStore:
+    """Wraps a store and counts reads."""
+
+    def __init__(self, store):
+        self.store, self.reads = store, 0
+
+    def get(self, name, version=None):
+        self.reads += 1
+        return self.store.get(name, version)
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+
+def eventually(check, timeout: float = 5.0):
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.02)
+
+
+@pytest.fixture(params=["local", "redis"])
+def two_replicas(request, tmp_path, namespace):
+    if request.param == "local":
+        make = lambda: LocalMaskStore(tmp_path / "s", poll_interval=0.02)  # noqa: E731
+    else:
+        url = request.getfixturevalue("redis_server").url
+        make = lambda: RedisMaskStore.from_url(url, namespace=namespace)  # noqa: E731
+    return make(), make()
+
+
+def test_cache_hits_and_invalidation(two_replicas, make_profile):
+    writer, reader = two_replicas
+    writer.put(make_profile("p", model_id="monet-a"))
+    counting = CountingStore(reader)
+    cache = ProfileCache(counting, model_id="monet-a", poll_timeout=0.05).start()
+    try:
+        assert cache.get("p").version == 1
+        assert cache.get("p").version == 1 and counting.reads == 1  # a hit: no I/O
+        writer.put(make_profile("p", seed=1, model_id="monet-a"))
+        eventually(lambda: cache.get("p").version == 2)
+        writer.delete("p")
+        eventually(lambda: "p" not in cache._latest)
+        with pytest.raises(ProfileNotFound):
+            cache.get("p")
+        writer.put(make_profile("q", model_id="monet-b"))
+        with pytest.raises(ModelMismatch):
+            cache.get("q")
+    finally:
+        cache.close()
+
+
+def test_cache_fails_closed_when_the_store_goes_away(private_redis, namespace, make_profile):
+    store = RedisMaskStore.from_url(private_redis.url, namespace=namespace,
+                                    connect_timeout=0.2, retries=0)
+    store.put(make_profile("p"))
+    cache = ProfileCache(store, max_staleness=0.5, poll_timeout=0.05).start()
+    try:
+        assert cache.get("p").version == 1
+        private_redis.stop()
+        time.sleep(0.8)
+        with pytest.raises(StoreUnavailable):
+            cache.get("p")  # cached, but possibly stale: refused
+        private_redis.start()  # empty again: the watch sees the reset
+        eventually(lambda: cache.last_error is None, timeout=10)
+        with pytest.raises(ProfileNotFound):
+            cache.get("p")
+    finally:
+        cache.close()
+        store.close()
