@@ -1,0 +1,118 @@
+"""The boundary between the REST layer and a generation engine.
+
+The server builds plain request dataclasses and reads engine outputs through small Protocols,
+so an engine module never imports the server (monet_runtime.engine.RuntimeEngine implements
+this with the PyTorch runtime; a vLLM engine implements the same). The server owns everything
+above tokens: text, stop strings, limits, mask resolution, metrics.
+
+    events = engine.stream(EngineRequest("req-1", [1, 72, 105], Sampling(max_tokens=8)))
+    async for event in events:      # one event per generated token
+        ...                         # event.finish_reason is set on the last one
+    await events.aclose()           # before the last event: aborts the request
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = [
+    "Engine",
+    "EngineRequest",
+    "MaskSpec",
+    "RoutedExpert",
+    "Sampling",
+    "TokenEvent",
+    "Tokenizer",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MaskSpec:
+    """The expert mask of one request. `key` names the contents ("no-python@3+toxic@1"): two
+    specs with the same key hold the same mask, so an engine may cache per key."""
+
+    key: str
+    mask: Any  # an ExpertMask (monet_runtime.expert_mask); opaque to the server
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    request_id: str
+    prompt_ids: Sequence[int]
+    sampling: Sampling
+    mask: MaskSpec | None = None
+
+
+class TokenEvent(Protocol):
+    """One generated token; the last event of a request carries its finish_reason."""
+
+    token_id: int  # -1 when a request finishes without a new token (e.g. aborted)
+    finish_reason: str | None  # "stop" | "length" | "abort", on the last event only
+    queue_time: float | None  # seconds from submission to running (first event only)
+
+
+class RoutedExpert(Protocol):
+    """A composite expert (i, j) of a routing layer and its weight g_ij for one token.
+    A routing layer's weights hold for every layer of its routing group (`layers`)."""
+
+    layer: int
+    layers: tuple[int, ...]
+    i: int
+    j: int
+    weight: float
+
+
+class Tokenizer(Protocol):
+    bos_id: int | None
+    eos_ids: list[int]
+    chat_template: str | None
+
+    def encode(self, text: str, *, add_bos: bool = True) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+@runtime_checkable
+class Engine(Protocol):
+    model_name: str  # what /v1/models lists
+    model_identity: str  # the identity mask profiles are built for
+    num_layers: int
+    num_experts: int  # E, experts per side
+    vocab_size: int
+    max_model_len: int  # prompt plus generated tokens
+    tokenizer: Tokenizer
+
+    def stream(self, request: EngineRequest) -> AsyncIterator[TokenEvent]:
+        """Generate with the request's own mask; closing the iterator early aborts.
+        ValueError for a request the model cannot run (e.g. a token id outside the vocab)."""
+        ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def routing(self, prompt_ids: Sequence[int], *, top_k: int) -> list[list[RoutedExpert]]:
+        """Per prompt token, the top_k composite experts of every routing layer by weight."""
+        ...
+
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) requests."""
+        ...
+
+    async def health(self) -> dict[str, Any]:
+        """{"ok": bool, ...}: whether the engine can serve."""
+        ...
+
+    async def shutdown(self) -> None:
+        """Finish the running and waiting requests, then stop."""
+        ...

@@ -1,0 +1,97 @@
+"""Background jobs (mask profile builds) with progress, one at a time in a worker thread.
+
+Jobs live in this replica's memory (the most recent `keep`): GET /jobs/{id} must reach the
+replica that accepted the build. The model work is behind the ProfileBuilder protocol, which
+the composition root (monet_cli) implements with the runtime and masks.builders.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from masks import MaskProfile
+
+from server.logs import log_event
+
+__all__ = ["Job", "JobManager", "ProfileBuilder", "Progress"]
+
+Progress = Callable[[float, str], None]  # (share done in [0, 1], message)
+
+
+class ProfileBuilder(Protocol):
+    def build(self, spec: Any, *, name: str, created_by: str, parts: list[MaskProfile],
+              corpus: Path | None, progress: Progress) -> MaskProfile:
+        """A profile (not yet stored) from a server.schemas.masks.BuildRequest; ValueError
+        for a corpus or a selection that cannot make one."""
+        ...
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class Job:
+    id: str
+    kind: str
+    profile: str
+    created_by: str
+    status: str = "queued"
+    progress: float = 0.0
+    message: str = ""
+    created_at: datetime = field(default_factory=_now)
+    finished_at: datetime | None = None
+    result: Any = None
+    error: str | None = None
+
+    def update(self, progress: float, message: str = "") -> None:
+        self.progress = min(1.0, max(self.progress, float(progress)))
+        self.message = message or self.message
+
+
+class JobManager:
+    def __init__(self, *, keep: int = 100):
+        self.keep = keep
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="monet-build")
+        self._ids = itertools.count(1)
+
+    def submit(self, *, kind: str, profile: str, created_by: str,
+               run: Callable[[Job], Any]) -> Job:
+        job = Job(f"job-{next(self._ids)}-{uuid.uuid4().hex[:8]}", kind, profile, created_by)
+        with self._lock:
+            self._jobs[job.id] = job
+            while len(self._jobs) > self.keep:
+                self._jobs.popitem(last=False)
+        self._pool.submit(self._run, job, run)
+        return job
+
+    def _run(self, job: Job, run: Callable[[Job], Any]) -> None:
+        job.status = "running"
+        try:
+            job.result = run(job)
+            job.status, job.progress = "succeeded", 1.0
+        except Exception as e:  # noqa: BLE001 - reported through GET /jobs/{id}
+            job.status, job.error = "failed", f"{type(e).__name__}: {e}"
+            log_event("monet.server", "build failed", level=logging.WARNING, job=job.id,
+                      profile=job.profile, error=job.error)
+        finally:
+            job.finished_at = _now()
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

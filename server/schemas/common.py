@@ -1,0 +1,42 @@
+"""Fields shared by the generation endpoints."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["MaskProfileField", "Strict", "StopField", "Temperature", "TokenId", "Usage",
+           "AppliedProfileOut"]
+
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+Temperature = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
+ProfileName = Annotated[str, Field(min_length=1, max_length=80)]
+MaskProfileField = Annotated[
+    ProfileName | list[ProfileName] | None,
+    Field(description="A mask profile name, 'name@version', or a list of them (their union). "
+                      "The server-wide default profile, if any, is always added.",
+          examples=["no-python", "no-python@3", ["no-python", "detox"]]),
+]
+StopField = Annotated[
+    Annotated[str, Field(max_length=256)] | list[Annotated[str, Field(max_length=256)]] | None,
+    Field(description="Stop strings (at most 16); the text ends before the first one."),
+]
+
+
+class Strict(BaseModel):
+    """Unknown fields are refused: a misspelt mask_profile must not pass unnoticed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AppliedProfileOut(BaseModel):
+    name: str
+    version: int
+    default: bool = Field(False, description="The server-wide default profile.")

@@ -1,0 +1,152 @@
+"""/masks, /jobs and /inspect bodies."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from server.schemas.common import Strict, TokenId
+
+__all__ = ["BuildRequest", "CorpusRecord", "InspectRequest", "InspectResponse", "JobOut",
+           "LayerExperts", "ProfileWrite", "WriteResult"]
+
+Index = Annotated[int, Field(ge=0, le=2**31 - 1)]
+Pair = Annotated[list[Index], Field(min_length=2, max_length=2)]
+Kind = Literal["domain", "language", "toxicity", "manual", "composite"]
+
+
+class LayerExperts(Strict):
+    layer: Index
+    experts: list[Pair] = Field(description="Composite experts (i, j) removed in this layer.")
+
+
+class CompactExperts(Strict):
+    encoding: Literal["monetmsk"]
+    data: str = Field(description="base64 of ExpertMask.to_bytes (per layer a zlib bitset).")
+
+
+class ExpertsJson(Strict):
+    layers: list[LayerExperts]
+
+
+class ProfileWrite(Strict):
+    """PUT /masks/{name}: `layers` ([{"layer", "experts": [[i, j], ...]}]) or `experts` (the
+    profile JSON form: {"layers": [...]} or the compact {"encoding": "monetmsk", "data"})."""
+
+    description: str = Field("", max_length=4096)
+    kind: Kind = "manual"
+    layers: list[LayerExperts] | None = None
+    experts: CompactExperts | ExpertsJson | None = None
+    model_id: str | None = Field(None, description="If given, must be this server's model.")
+    provenance: dict[str, Any] | None = None
+    evaluation: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self):
+        if (self.layers is None) == (self.experts is None):
+            raise ValueError("give exactly one of 'layers' and 'experts'")
+        return self
+
+
+class WriteResult(BaseModel):
+    name: str
+    version: int
+    previous_version: int = 0
+    size: int = Field(description="Composite experts removed over all layers.")
+    model_id: str
+
+
+class DeleteResult(BaseModel):
+    name: str
+    deleted_version: int
+
+
+class CorpusRecord(Strict):
+    text: str = Field(min_length=1)
+    label: str | None = Field(None, max_length=128)
+    score: float | list[float] | None = None
+
+
+class BuildRequest(Strict):
+    """POST /masks/{name}/build: route a corpus through the model and select experts
+    (domain / language: specificity of the target label; toxicity: Pearson correlation with
+    the score; composite: the union of stored profiles)."""
+
+    kind: Literal["domain", "language", "toxicity", "composite"]
+    description: str = Field("", max_length=4096)
+    records: list[CorpusRecord] | None = Field(None, min_length=1, max_length=100_000)
+    corpus: str | None = Field(None, description="A file under the server's MONET_CORPUS_DIR.",
+                               max_length=512)
+    target: str | None = Field(None, max_length=128, description="domain / language: the label "
+                               "whose experts are removed.")
+    factor: float | None = Field(2.0, gt=1, le=1000)
+    floor: float = Field(0.1, ge=0, le=1000)
+    min_mass: float = Field(1.0, ge=0, le=1e9)
+    coverage: float | None = Field(None, gt=0, le=1)
+    threshold: float = Field(0.1, gt=-1, lt=1, description="toxicity: Pearson threshold.")
+    layers: list[Index] | None = None
+    parts: list[str] | None = Field(None, min_length=1, max_length=16,
+                                    description="composite: profile names or name@version.")
+    score_field: str = Field("toxicity", max_length=128, description="toxicity, corpus file: "
+                             "the field with each text's score (inline records: 'score').")
+    max_length: int = Field(512, ge=2, le=8192)
+    evaluate: bool = Field(False, description="Also measure per-label loss with the mask.")
+
+    @model_validator(mode="after")
+    def _needs(self):
+        if self.kind == "composite":
+            if not self.parts:
+                raise ValueError("parts: a composite build needs the profiles to combine")
+        elif (self.records is None) == (self.corpus is None):
+            raise ValueError("give exactly one of 'records' and 'corpus'")
+        if self.kind in ("domain", "language") and not self.target:
+            raise ValueError(f"target: a {self.kind} build needs the target label")
+        return self
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str
+    profile: str
+    status: Literal["queued", "running", "succeeded", "failed"]
+    progress: float = Field(ge=0, le=1)
+    message: str = ""
+    created_at: datetime
+    finished_at: datetime | None = None
+    created_by: str
+    result: WriteResult | None = None
+    error: str | None = None
+
+
+class InspectRequest(Strict):
+    text: str | None = Field(None, min_length=1)
+    prompt_token_ids: list[TokenId] | None = Field(None, min_length=1)
+    top_k: int = Field(5, ge=1, le=64, description="Composite experts per routing layer.")
+    profiles: list[str] | None = Field(None, max_length=16, description="Profiles to check "
+                                       "(default: every stored profile of this model).")
+    add_bos: bool = True
+
+
+class ExpertOut(BaseModel):
+    layer: int = Field(description="The routing layer.")
+    layers: list[int] = Field(description="The layers of its routing group.")
+    i: int
+    j: int
+    expert: int = Field(description="i * E + j")
+    weight: float
+    removed_by: list[str] = Field(description="Profiles (name@version) removing it in at "
+                                  "least one layer of the group.")
+
+
+class TokenOut(BaseModel):
+    position: int
+    token_id: int
+    text: str
+    experts: list[ExpertOut]
+
+
+class InspectResponse(BaseModel):
+    tokens: list[TokenOut]
+    profiles: list[str] = Field(description="The profiles checked, name@version.")

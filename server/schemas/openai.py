@@ -1,0 +1,127 @@
+"""The OpenAI-compatible bodies: /v1/completions, /v1/chat/completions, /v1/models.
+
+Fields that this server cannot honour are accepted only at their neutral values (n=1, no
+logprobs, no penalties), so a client never gets silently different behaviour. Extra fields:
+mask_profile, top_k, ignore_eos.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from server.schemas.common import (
+    AppliedProfileOut,
+    MaskProfileField,
+    StopField,
+    Strict,
+    Temperature,
+    TokenId,
+    Usage,
+)
+
+__all__ = ["ChatMessage", "ChatRequest", "ChatResponse", "CompletionRequest",
+           "CompletionResponse", "ModelCard", "ModelList"]
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class _Sampling(Strict):
+    model: str = Field(max_length=256)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: Temperature = 1.0
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=-1, le=1 << 20)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: StopField = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Literal[1] = 1
+    presence_penalty: float = Field(0, ge=0, le=0, description="Only 0 is supported.")
+    frequency_penalty: float = Field(0, ge=0, le=0, description="Only 0 is supported.")
+    user: str | None = Field(None, max_length=256)
+    ignore_eos: bool = False
+    mask_profile: MaskProfileField = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[TokenId] | list[str] = Field(
+        description="A text, token ids, or a list holding one text.")
+    max_tokens: int | None = Field(16, ge=1)
+    echo: Literal[False] = False
+    logprobs: None = None
+    best_of: Literal[1] | None = None
+    suffix: None = None
+
+
+class ChatContentPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[ChatContentPart]
+    name: str | None = Field(None, max_length=256)
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: Literal[False] | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    mask_profiles: list[AppliedProfileOut] = Field(default_factory=list)
+
+
+class ChatChoiceMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatChoiceMessage
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class ChatResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+    mask_profiles: list[AppliedProfileOut] = Field(default_factory=list)
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "monet-serve"
+    max_model_len: int
+    model_identity: str = Field(description="The identity mask profiles are built for.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,85 @@
+"""Service settings: every option of `monet serve`, also read from MONET_* environment variables.
+
+Keys are lists: a JSON array (MONET_API_KEYS='["alice:k1", "k2"]') or comma-separated text
+(MONET_API_KEYS=alice:k1,k2). "who:key" names the holder in logs and the audit trail; a bare
+key is named by a hash prefix. Admin keys also carry the generate scope.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["DEFAULT_STORE_DIR", "LOOPBACK", "Settings"]
+
+DEFAULT_STORE_DIR = Path("~/.local/share/monet/masks")
+LOOPBACK = "127.0.0.1"
+
+KeyList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MONET_", extra="ignore")
+
+    # start-up
+    model: Path | None = None  # None: the bundled default model
+    served_model_name: str | None = None  # None: the checkpoint directory's name
+    engine: Literal["auto", "runtime", "vllm"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    host: str = LOOPBACK
+    port: int = Field(default=8000, ge=0, le=65535)
+    max_batch_size: int = Field(default=16, ge=1)
+    threads: int | None = Field(default=None, ge=1)  # CPU threads for the runtime engine
+
+    # mask store
+    redis_url: str | None = None  # None: the embedded local store in store_dir
+    store_dir: Path = DEFAULT_STORE_DIR
+    store_namespace: str = "monet:masks"
+    default_profile: str | None = None  # applied to every request, cannot be opted out of
+    mask_staleness_s: float = Field(default=10.0, gt=0)  # refuse cached profiles older than this
+    mask_cache_entries: int = Field(default=256, ge=1)
+
+    # auth
+    api_keys: KeyList = Field(default_factory=list)  # generate scope
+    admin_keys: KeyList = Field(default_factory=list)  # generate + mask writes
+
+    # limits
+    max_prompt_tokens: int = Field(default=4096, ge=1)
+    max_tokens: int = Field(default=1024, ge=1)  # the most a request may ask for
+    max_body_bytes: int = Field(default=16 << 20, ge=1024)
+    max_concurrent_requests: int = Field(default=64, ge=1)  # generation requests in flight
+    inspect_max_tokens: int = Field(default=256, ge=1)
+    drain_timeout_s: float = Field(default=30.0, ge=0)
+    corpus_dir: Path | None = None  # where POST /masks/{name}/build may read corpora
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("model", "served_model_name", "redis_url", "default_profile", "corpus_dir",
+                     "threads", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("api_keys", "admin_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value):
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                value = json.loads(text)
+            else:
+                value = [part for part in text.split(",")]
+        keys = [str(k).strip() for k in value or [] if str(k).strip()]
+        for key in keys:
+            if len(key.partition(":")[2] or key) < 8:
+                raise ValueError("every API key must be at least 8 characters long")
+        return keys
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys or self.admin_keys)

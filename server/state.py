@@ -1,0 +1,139 @@
+"""What one server holds (engine, store, profile cache, services) and its lifespan: the cache
+watch starts with the app (retrying while the store is away), profile versions are refreshed
+for /metrics, and shutdown drains in-flight requests before the engine stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI
+from masks import MaskStore, ProfileCache, StoreUnavailable
+
+from server.auth import KeyRing
+from server.engine import Engine
+from server.errors import ApiError
+from server.generation import GenerationService
+from server.jobs import JobManager, ProfileBuilder
+from server.logs import log_event
+from server.masking import MaskResolver, parse_refs
+from server.metrics import Metrics
+from server.profiles import ProfileAdmin
+from server.settings import Settings
+from server.store import InstrumentedStore
+
+__all__ = ["ServerState", "lifespan"]
+
+VERSIONS_EVERY_S = 5.0
+
+
+@dataclass(eq=False)
+class ServerState:
+    settings: Settings
+    engine: Engine
+    store: InstrumentedStore
+    cache: ProfileCache
+    resolver: MaskResolver
+    metrics: Metrics
+    keys: KeyRing
+    service: GenerationService
+    admin: ProfileAdmin
+    jobs: JobManager
+    tasks: list[asyncio.Task] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, *, engine: Engine, store: MaskStore, settings: Settings,
+               builder: ProfileBuilder | None = None) -> ServerState:
+        metrics = Metrics()
+        store = InstrumentedStore(store, metrics)
+        cache = ProfileCache(store, model_id=engine.model_identity,
+                             max_entries=settings.mask_cache_entries,
+                             max_staleness=settings.mask_staleness_s,
+                             poll_timeout=min(0.5, settings.mask_staleness_s / 4))
+        default = parse_refs(settings.default_profile.split(",") if settings.default_profile
+                             else None, param="MONET_DEFAULT_PROFILE")
+        resolver = MaskResolver(cache, model_identity=engine.model_identity,
+                                num_layers=engine.num_layers, num_experts=engine.num_experts,
+                                default=default, metrics=metrics)
+        metrics.watch_engine(engine.load)
+        # ProfileCache has no public size yet; its entries dict is the truth.
+        metrics.cache_size.set_function(lambda: len(getattr(cache, "_latest", ())))
+        jobs = JobManager()
+        return cls(settings=settings, engine=engine, store=store, cache=cache,
+                   resolver=resolver, metrics=metrics,
+                   keys=KeyRing(settings.api_keys, settings.admin_keys),
+                   service=GenerationService(engine, resolver, metrics, settings),
+                   admin=ProfileAdmin(store, resolver, engine, jobs, builder,
+                                      settings.corpus_dir),
+                   jobs=jobs)
+
+    # ---- background work ---------------------------------------------------------------
+    async def _start_watch(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.cache.start)
+                return
+            except StoreUnavailable as e:
+                log_event("monet.server", "mask store unreachable; retrying",
+                          level=logging.WARNING, error=str(e))
+                await asyncio.sleep(1.0)
+
+    async def _refresh_versions(self) -> None:
+        while True:
+            with contextlib.suppress(StoreUnavailable):
+                summaries = await asyncio.to_thread(self.store.list)
+                self.metrics.store_up.set(1)
+                self.metrics.set_versions({s.name: s.version for s in summaries
+                                           if s.model_id == self.engine.model_identity})
+            await asyncio.sleep(VERSIONS_EVERY_S)
+
+    # ---- readiness ---------------------------------------------------------------------
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        checks: dict[str, Any] = {"draining": self.service.admission.draining}
+        health = await self.engine.health()
+        checks["engine"] = bool(health.get("ok"))
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self.store.ping), timeout=3.0)
+            checks["mask_store"] = True
+        except (StoreUnavailable, TimeoutError) as e:
+            checks["mask_store"], checks["mask_store_error"] = False, str(e) or "timeout"
+        if self.resolver.default:
+            try:
+                resolved = await self.resolver.resolve([])
+                checks["default_profile"] = resolved.header
+            except ApiError as e:
+                checks["default_profile"], checks["default_profile_error"] = False, e.message
+        ok = (checks["engine"] and checks["mask_store"] and not checks["draining"]
+              and checks.get("default_profile", True) is not False)
+        return ok, checks
+
+    async def close(self) -> None:
+        self.service.admission.draining = True
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.jobs.shutdown()
+        await self.engine.shutdown()
+        await asyncio.to_thread(self.cache.close)
+        self.store.close()
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state: ServerState = app.state.monet
+    state.tasks += [asyncio.create_task(state._start_watch()),
+                    asyncio.create_task(state._refresh_versions())]
+    s = state.settings
+    log_event("monet.server", "ready to serve", model=state.engine.model_name,
+              identity=state.engine.model_identity, store=repr(state.store),
+              default_profile=s.default_profile, auth=state.keys.enabled)
+    try:
+        yield
+    finally:
+        log_event("monet.server", "shutting down: in-flight requests drained")
+        await state.close()
