@@ -1,0 +1,1 @@
+"""The `monet` command: composes the runtime, the mask tools and the server."""
