@@ -6,11 +6,14 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["MaskProfileField", "Strict", "StopField", "Temperature", "TokenId", "Usage",
-           "AppliedProfileOut"]
+__all__ = ["MaskProfileField", "Seed", "Strict", "StopField", "Temperature", "TokenId", "TopK",
+           "TopP", "Usage", "AppliedProfileOut"]
 
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 Temperature = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
+TopP = Annotated[float, Field(gt=0, le=1)]
+TopK = Annotated[int, Field(ge=-1, le=1 << 20, description="0 or -1: no top-k cut.")]
+Seed = Annotated[int | None, Field(ge=0, le=2**63 - 1)]
 ProfileName = Annotated[str, Field(min_length=1, max_length=80)]
 MaskProfileField = Annotated[
     ProfileName | list[ProfileName] | None,

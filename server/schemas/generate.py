@@ -9,10 +9,13 @@ from pydantic import Field
 from server.schemas.common import (
     AppliedProfileOut,
     MaskProfileField,
+    Seed,
     StopField,
     Strict,
     Temperature,
     TokenId,
+    TopK,
+    TopP,
     Usage,
 )
 
@@ -24,9 +27,9 @@ class GenerateRequest(Strict):
     prompt_token_ids: list[TokenId] | None = Field(None, min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="Default: as many as fit.")
     temperature: Temperature = 1.0
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=-1, le=1 << 20, description="0 or -1: no top-k cut.")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    top_p: TopP = 1.0
+    top_k: TopK = 0
+    seed: Seed = None
     stop: StopField = None
     ignore_eos: bool = False
     mask_profile: MaskProfileField = None

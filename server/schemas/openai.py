@@ -14,10 +14,13 @@ from pydantic import BaseModel, Field
 from server.schemas.common import (
     AppliedProfileOut,
     MaskProfileField,
+    Seed,
     StopField,
     Strict,
     Temperature,
     TokenId,
+    TopK,
+    TopP,
     Usage,
 )
 
@@ -33,9 +36,9 @@ class _Sampling(Strict):
     model: str = Field(max_length=256)
     max_tokens: int | None = Field(None, ge=1)
     temperature: Temperature = 1.0
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=-1, le=1 << 20)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    top_p: TopP = 1.0
+    top_k: TopK = 0
+    seed: Seed = None
     stop: StopField = None
     stream: bool = False
     stream_options: StreamOptions | None = None
