@@ -226,6 +226,22 @@ class VerticalExperts(nn.Module):
         second = self.v21(mix.x21) + self.v22(mix.x22) + mix.c2 @ self.b2
         return torch.cat((first, second), dim=-1)
 
+    def forward_dense(self, y_TD, weights_TEE) -> torch.Tensor:
+        """sum_ij G[t,i,j] E_ij(y_t) for an explicit composite weight matrix G [T, E, E]: the
+        naive O(E^2) computation, differentiable in G (expert attribution uses it)."""
+        T = y_TD.shape[0]
+        a_TEM = relu2(self.u1(y_TD)).view(T, self.E, self.M)
+        b_TEM = relu2(self.u2(y_TD)).view(T, self.E, self.M)
+        G = weights_TEE.to(a_TEM.dtype)
+        c1_TE, c2_TE = G.sum(2), G.sum(1)
+        x11 = (a_TEM * c1_TE[..., None]).reshape(T, -1)
+        x12 = torch.bmm(G, b_TEM).reshape(T, -1)  # [t, i] = sum_j G_ij b_j
+        x21 = torch.bmm(G.transpose(1, 2), a_TEM).reshape(T, -1)  # [t, j] = sum_i G_ij a_i
+        x22 = (b_TEM * c2_TE[..., None]).reshape(T, -1)
+        first = self.v11(x11) + self.v12(x12) + c1_TE @ self.b1
+        second = self.v21(x21) + self.v22(x22) + c2_TE @ self.b2
+        return torch.cat((first, second), dim=-1)
+
 
 class HorizontalExperts(nn.Module):
     """HD: E_ij = V_j relu2(U_i y + c_i) + b_j."""
@@ -243,6 +259,14 @@ class HorizontalExperts(nn.Module):
         x_TEM = relu2(self.u(y_TD)).view(T, self.E, self.M)
         mix = kernels.mix_hd(x_TEM, g1_THE, g2_THE, *(mask or (None, None)))
         return self.v(mix.x) + mix.c2 @ self.b
+
+    def forward_dense(self, y_TD, weights_TEE) -> torch.Tensor:
+        """sum_ij G[t,i,j] E_ij(y_t) for an explicit G [T, E, E] (see VerticalExperts)."""
+        T = y_TD.shape[0]
+        x_TEM = relu2(self.u(y_TD)).view(T, self.E, self.M)
+        G = weights_TEE.to(x_TEM.dtype)
+        x = torch.bmm(G.transpose(1, 2), x_TEM).reshape(T, -1)  # [t, j] = sum_i G_ij x_i
+        return self.v(x) + G.sum(1) @ self.b
 
 
 class DecoderLayer(nn.Module):

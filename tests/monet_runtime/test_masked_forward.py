@@ -137,3 +137,20 @@ def test_literal_composite_experts_small():
                 expected[t] += g * torch.cat((e_first, e_second))
     assert expected[:, :D2].abs().max() > 0
     assert (fast - expected).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("case", ["vd-E16-G2", "hd-gqa-E24-G3"])
+def test_forward_dense_matches_naive(case):
+    """forward_dense (the attribution path) against the naive contraction written here, with
+    an arbitrary composite weight matrix (masked entries, scaled entries)."""
+    model = random_model(seed=3, **CASES[case]).double()
+    config = model.config
+    layer = model.model.layers[0]
+    gen = torch.Generator().manual_seed(6)
+    y = torch.randn(4, config.hidden_size, generator=gen, dtype=torch.float64)
+    g1, g2 = layer.router(y)
+    E = config.moe_experts
+    keep = torch.rand(4, E, E, generator=gen, dtype=torch.float64)  # any weights, per token
+    G = torch.einsum("thi,thj->tij", g1, g2) * keep
+    expected = naive_experts(layer.moe, 0, y, g1, g2, keep)
+    assert (layer.moe.forward_dense(y, G) - expected).abs().max() < 1e-10
