@@ -2,6 +2,8 @@
 
     stats = collect_label_statistics(model, "corpus.jsonl")          # domain / language
     profile = specificity_profile(stats, "python", name="no-python", kind="language")
+    grads = collect_attribution_statistics(model, "corpus.jsonl")    # by loss attribution
+    profile = attribution_profile(grads, "python", name="no-python", coverage=0.3)
     tox = collect_correlation_statistics(model, "rtp.jsonl", score_field="toxicity")
     profile = toxicity_profile(tox, name="detox-0.1", threshold=0.1)
 Statistics are per routing layer (layers of a routing group share g1, g2), so a selection
@@ -10,6 +12,7 @@ holds for every layer of its group; `layers` restricts a profile to some layers.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -17,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from masks.corpus import (
@@ -42,6 +46,8 @@ from monet_runtime.expert_mask import ExpertMask
 
 __all__ = [
     "BUILDER",
+    "attribution_profile",
+    "collect_attribution_statistics",
     "collect_correlation_statistics",
     "collect_label_statistics",
     "composite_profile",
@@ -152,6 +158,88 @@ def collect_correlation_statistics(
     return acc.result(model_id=model.identity, corpus_fingerprint=fingerprint)
 
 
+def collect_attribution_statistics(
+    model,
+    corpus: str | Path | Iterable[Record],
+    *,
+    text_field: str = "text",
+    label_field: str = "label",
+    batch_tokens: int = 4096,
+    max_length: int = 512,
+    progress: bool = True,
+) -> LabelStatistics:
+    """Per label and layer, the first-order increase of the summed next-token loss when
+    composite expert (layer, i, j) is removed: -sum_t dL/dM_ij at M = 1, where every layer
+    computes sum_ij M_ij g_ij(t) E_ij(y_t) densely. Downstream routers pass the derivative
+    through their softmax weights; their keep decisions are piecewise constant.
+
+    Routing weight says which experts a label uses; attribution says which ones its
+    predictions need. On small models the two differ: an expert can be routed mostly on one
+    language yet matter little to it. Costs a forward and backward with [T, E, E] weights per
+    layer (for E = 512, route few tokens per batch)."""
+    records, fingerprint = _open(corpus, text_field=text_field, label_field=label_field)
+    identity, tokenizer = model.identity, model.tokenizer
+    if tokenizer is None:
+        raise ValueError("the model has no tokenizer: load it with load_model(..., tokenizer=True)")
+    # a private copy: the hooks below must never touch a model that also serves requests
+    model = copy.deepcopy(model).requires_grad_(False)
+    c = model.config
+    L, E = c.num_hidden_layers, c.moe_experts
+    labels: list[str] = []
+    mass: list[torch.Tensor] = []  # per label [L, E, E]
+    tokens: list[int] = []
+    gates: dict[int, torch.Tensor] = {}  # per layer: M [B, E, E], ones, requires grad
+
+    def dense_experts(layer: int):
+        def hook(moe, args, _output):
+            y_TD, g1, g2 = args[:3]
+            M = gates[layer]
+            B = M.shape[0]
+            G = torch.einsum("the,thf->tef", g1, g2).view(B, -1, E, E) * M[:, None]
+            return moe.forward_dense(y_TD, G.view(-1, E, E))
+        return hook
+
+    for l, layer in enumerate(model.model.layers):
+        layer.moe.register_forward_hook(dense_experts(l))
+    bar = tqdm(desc="attributing", unit="tok", unit_scale=True, disable=not progress)
+    try:
+        for batch in batches(records, tokenizer, batch_tokens=batch_tokens,
+                             max_length=max_length):
+            if any(label is None for label in batch.labels):
+                raise CorpusError(f"a text has no '{label_field}': label every text")
+            ids = batch.input_ids.to(model.device)
+            attention = batch.attention_mask.to(model.device)
+            for l in range(L):
+                gates[l] = torch.ones(ids.shape[0], E, E, device=model.device,
+                                      dtype=torch.promote_types(model.dtype, torch.float32),
+                                      requires_grad=True)
+            logits = model(ids, attention_mask=attention).logits
+            loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:],
+                                   reduction="none") * attention[:, 1:]
+            loss.sum().backward()
+            removal = -torch.stack([gates[l].grad for l in range(L)], 1).double()  # [B, L, E, E]
+            counts = attention[:, 1:].sum(1).tolist()
+            for row, label in enumerate(batch.labels):
+                if label not in labels:
+                    labels.append(label)
+                    mass.append(torch.zeros(L, E, E, dtype=torch.float64, device=model.device))
+                    tokens.append(0)
+                n = labels.index(label)
+                mass[n] += removal[row]
+                tokens[n] += counts[row]
+            bar.update(batch.tokens)
+    finally:
+        bar.close()
+    order = sorted(range(len(labels)), key=labels.__getitem__)
+    return LabelStatistics(
+        labels=[labels[n] for n in order], routing_layers=list(range(L)), num_layers=L,
+        num_experts=E, num_heads=c.moe_heads, groups=1,
+        mass=(torch.stack([mass[n] for n in order]).cpu().numpy() if order
+              else np.zeros((0, L, E, E))),
+        tokens=np.array([tokens[n] for n in order], dtype=np.int64),
+        model_id=identity, corpus_fingerprint=fingerprint, quantity="attribution")
+
+
 def _open(corpus, **fields) -> tuple[Iterable[Record], str]:
     if isinstance(corpus, (str, Path)):
         return read_corpus(corpus, **fields), corpus_fingerprint(corpus)
@@ -204,6 +292,9 @@ def specificity_profile(
     coverage: take the most specific experts until they carry this share of the target's mass
         (per routing layer); factor then only bounds the candidates (None: all).
     """
+    if stats.quantity != "routing":
+        raise ValueError(f"specificity_profile needs routing statistics, got {stats.quantity} "
+                         "statistics (use attribution_profile)")
     t = stats.label_index(target)
     E, H = stats.num_experts, stats.num_heads
     uniform = H / E**2
@@ -223,6 +314,51 @@ def specificity_profile(
             criterion="coverage" if coverage is not None else "specificity",
             thresholds=dict(factor=factor, floor=floor, min_mass=min_mass, coverage=coverage,
                             absolute_floor=absolute_floor,
+                            layers=None if layers is None else ",".join(map(str, layers))),
+            corpus_fingerprint=stats.corpus_fingerprint, target=target,
+            labels=list(stats.labels), tokens=int(stats.tokens.sum()), created_by=created_by),
+    )
+
+
+def attribution_profile(
+    stats: LabelStatistics,
+    target: str,
+    *,
+    name: str,
+    kind: ProfileKind = "domain",
+    factor: float | None = 2.0,
+    coverage: float | None = 0.3,
+    layers: Iterable[int] | None = None,
+    description: str = "",
+    created_by: str | None = None,
+) -> MaskProfile:
+    """Remove the experts that `target`'s predictions need and the other labels' do not, from
+    attribution statistics (collect_attribution_statistics): the specificity criterion on the
+    expected loss increase (negative increases count as 0).
+
+    factor: increase on the target >= factor x the largest increase on another label.
+    coverage: of those, the most specific until they carry this share of the target's total
+        increase, per layer (None: all of them).
+    """
+    if stats.quantity != "attribution":
+        raise ValueError("attribution_profile needs collect_attribution_statistics' output, "
+                         f"got {stats.quantity} statistics")
+    t = stats.label_index(target)
+    E, K = stats.num_experts, len(stats.labels)
+    increase = np.clip(stats.mean(), 0.0, None)  # [labels, L, E, E]
+    selected = np.stack([
+        specific_experts(increase[:, r].reshape(K, -1), t, factor=factor,
+                         coverage=coverage).reshape(E, E)
+        for r in range(len(stats.routing_layers))
+    ])
+    mask = selection_to_mask(selected, stats.routing_layers, groups=stats.groups,
+                             num_layers=stats.num_layers, layers=layers)
+    return MaskProfile(
+        name=name, description=description, kind=kind, model_id=stats.model_id,
+        num_layers=stats.num_layers, num_experts=E, experts=mask,
+        provenance=_provenance(
+            criterion="attribution",
+            thresholds=dict(factor=factor, coverage=coverage,
                             layers=None if layers is None else ",".join(map(str, layers))),
             corpus_fingerprint=stats.corpus_fingerprint, target=target,
             labels=list(stats.labels), tokens=int(stats.tokens.sum()), created_by=created_by),

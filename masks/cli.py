@@ -121,6 +121,9 @@ def build(
     name: Annotated[str, typer.Option(help="profile name; {label} is replaced per label")] = "",
     target: Annotated[str | None, typer.Option(help="label whose experts go (default: each)")]
     = None,
+    criterion: Annotated[str, typer.Option(
+        help="domain/language: specificity (the paper: routing weight) | attribution (loss "
+             "increase; give --coverage)")] = "specificity",
     factor: Annotated[float, typer.Option(help="specificity factor (paper: 2)")] = 2.0,
     floor: Annotated[float, typer.Option(help="min mean weight, x uniform H/E^2")] = 0.1,
     min_mass: Annotated[float, typer.Option(help="min total weight on the target")] = 1.0,
@@ -157,10 +160,12 @@ def build(
             options = dict(name=name, description=description, layers=_layers(layers))
             route = dict(text_field=text_field, batch_tokens=batch_tokens, max_length=max_length)
             if kind in ("domain", "language"):
+                thresholds = dict(factor=factor, coverage=coverage) \
+                    if criterion == "attribution" else dict(
+                        factor=factor, floor=floor, min_mass=min_mass, coverage=coverage)
                 profiles = _build_specificity(
                     loaded, source, kind, target, stats, options, route | dict(
-                        label_field=label_field), factor=factor, floor=floor,
-                    min_mass=min_mass, coverage=coverage)
+                        label_field=label_field), criterion, **thresholds)
             elif kind == "toxicity":
                 profiles = [_build_toxicity(loaded, source, stats, options, route, threshold,
                                             score_field, _scorer(scorer))]
@@ -176,29 +181,40 @@ def build(
         _emit(profiles, out=out, store=the_store if push else None)
 
 
-def _build_specificity(model, source, kind, target, stats_path, options, route, **criterion):
-    from masks.builders import collect_label_statistics, specificity_profile
+def _build_specificity(model, source, kind, target, stats_path, options, route, criterion,
+                       **thresholds):
+    from masks import builders
     from masks.corpus import corpus_fingerprint
     from masks.schema import slug
     from masks.statistics import LabelStatistics
 
+    if criterion == "specificity":
+        collect, select = builders.collect_label_statistics, builders.specificity_profile
+        quantity = "routing"
+    elif criterion == "attribution":
+        collect, select = builders.collect_attribution_statistics, builders.attribution_profile
+        quantity = "attribution"
+        route = {k: v for k, v in route.items() if k != "batch_tokens"}  # [T, E, E] per layer
+    else:
+        raise ValueError(f"--criterion must be specificity or attribution, got '{criterion}'")
     stats = None
     if stats_path is not None and stats_path.exists():
         stats = LabelStatistics.load(stats_path)
-        if (stats.model_id, stats.corpus_fingerprint) != (model.identity,
-                                                          corpus_fingerprint(source)):
-            console.print(f"[yellow]{stats_path} is for another model or corpus: rebuilding")
+        if (stats.model_id, stats.corpus_fingerprint, stats.quantity) != (
+                model.identity, corpus_fingerprint(source), quantity):
+            console.print(f"[yellow]{stats_path} is for another model, corpus or criterion: "
+                          "rebuilding")
             stats = None
     if stats is None:
-        stats = collect_label_statistics(model, source, **route)
+        stats = collect(model, source, **route)
         if stats_path is not None:
             stats.save(stats_path)
     targets = [target] if target else stats.labels
     name = options.pop("name") or "no-{label}"
     if len(targets) > 1 and "{label}" not in name:
         raise ValueError("--name must contain {label} when building one profile per label")
-    return [specificity_profile(stats, t, name=slug(name.replace("{label}", t)), kind=kind,
-                                **options, **criterion) for t in targets]
+    return [select(stats, t, name=slug(name.replace("{label}", t)), kind=kind, **options,
+                   **thresholds) for t in targets]
 
 
 def _build_toxicity(model, source, stats_path, options, route, threshold, score_field, scorer):

@@ -156,10 +156,12 @@ def group_layers(routing_layer: int, *, groups: int, num_layers: int) -> list[in
 # ---- per label: domain and language profiles ----------------------------------------------
 @dataclass
 class LabelStatistics:
-    """Sum over each label's tokens of g_ij, per routing layer, and the token counts.
+    """Sum over each label's tokens of a per-expert quantity, and the token counts.
 
-    mass: float64 [labels, R, E, E]; tokens: int64 [labels]. Layers l of a routing group share
-    the statistics of routing layer l - l % G.
+    quantity "routing": g_ij per routing layer; layers l of a routing group share the
+    statistics of routing layer l - l % G. quantity "attribution": the first-order loss
+    increase of removing (layer, i, j), per layer (routing_layers lists every layer, groups 1).
+    mass: float64 [labels, R, E, E]; tokens: int64 [labels].
     """
 
     labels: list[str]
@@ -172,9 +174,10 @@ class LabelStatistics:
     tokens: np.ndarray
     model_id: str = ""
     corpus_fingerprint: str = ""
+    quantity: Literal["routing", "attribution"] = "routing"
 
     def mean(self) -> np.ndarray:
-        """Mean routing weight per token: float64 [labels, R, E, E]."""
+        """Mean per token: float64 [labels, R, E, E]."""
         return self.mass / np.maximum(self.tokens, 1)[:, None, None, None]
 
     def label_index(self, label: str) -> int:
@@ -188,7 +191,7 @@ class LabelStatistics:
         path = Path(path)
         meta = {k: getattr(self, k) for k in ("labels", "routing_layers", "num_layers",
                                                "num_experts", "num_heads", "groups",
-                                               "model_id", "corpus_fingerprint")}
+                                               "model_id", "corpus_fingerprint", "quantity")}
         with path.open("wb") as f:
             np.savez(f, mass=self.mass, tokens=self.tokens, meta=np.array(json.dumps(meta)))
         return path

@@ -55,6 +55,14 @@ class RuntimeProfileBuilder:
             profile = builders.toxicity_profile(
                 stats, name=name, threshold=spec.threshold, layers=spec.layers,
                 description=spec.description, created_by=created_by)
+        elif spec.criterion == "attribution":
+            stats = builders.collect_attribution_statistics(
+                model, counted, max_length=spec.max_length, progress=False)
+            self._check_target(spec, stats)
+            profile = builders.attribution_profile(
+                stats, spec.target, name=name, kind=spec.kind, factor=spec.factor,
+                coverage=spec.coverage, layers=spec.layers, description=spec.description,
+                created_by=created_by)
         else:
             stats = self._labels(model, counted, spec, fingerprint)
             profile = builders.specificity_profile(
@@ -102,10 +110,14 @@ class RuntimeProfileBuilder:
             counts = keep.sum(1).tolist()
             acc.add(probs, [label for label, n in zip(batch.labels, counts) for _ in range(n)])
         stats = acc.result(model_id=model.identity, corpus_fingerprint=fingerprint)
+        self._check_target(spec, stats)
+        return stats
+
+    @staticmethod
+    def _check_target(spec, stats) -> None:
         if spec.target not in stats.labels:
             raise ValueError(f"target: label {spec.target!r} is not in the corpus "
                              f"(labels: {', '.join(stats.labels)})")
-        return stats
 
     def _correlation(self, model, records: Iterable, spec, fingerprint: str):
         from masks.builders import route_batches

@@ -81,6 +81,10 @@ class BuildRequest(Strict):
                                max_length=512)
     target: str | None = Field(None, max_length=128, description="domain / language: the label "
                                "whose experts are removed.")
+    criterion: Literal["specificity", "attribution"] = Field(
+        "specificity", description="domain / language: 'specificity' (the paper: routing "
+        "weight on the target against the other labels) or 'attribution' (first-order loss "
+        "increase on the target against the others; set coverage, e.g. 0.3).")
     factor: float | None = Field(2.0, gt=1, le=1000)
     floor: float = Field(0.1, ge=0, le=1000)
     min_mass: float = Field(1.0, ge=0, le=1e9)

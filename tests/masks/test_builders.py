@@ -3,6 +3,7 @@ per-token reference, selections against the criteria, model identity refused."""
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 
@@ -11,6 +12,8 @@ import pytest
 import torch
 
 from masks.builders import (
+    attribution_profile,
+    collect_attribution_statistics,
     collect_correlation_statistics,
     collect_label_statistics,
     composite_profile,
@@ -245,3 +248,73 @@ def test_empty_mask_changes_nothing(tiny_model):
                              num_layers=4, num_experts=16)
     report = evaluate_profile(tiny_model, profile, texts(per_label=2), progress=False)
     assert all(r.delta == 0 for r in report.labels)
+
+
+def test_attribution_is_the_loss_derivative(tiny_model):
+    """Each entry is -dL/dM_ij at M = 1 (L: summed loss of the label's tokens, M_ij scaling
+    composite expert (l, i, j)): checked by central differences through the dense expert
+    path (float64 weights). Only in layers that no router follows: a router's keep decision
+    jumps when its input crosses the threshold, so differences across one are not smooth."""
+    records = [r for r in texts(per_label=3) if r.label == "abc"]
+    collect_attribution_statistics(tiny_model, records[:1], progress=False)
+    assert not any(layer.moe._forward_hooks for layer in tiny_model.model.layers)  # a copy
+    model = copy.deepcopy(tiny_model).double()
+    stats = collect_attribution_statistics(model, records, progress=False)
+    assert stats.quantity == "attribution" and stats.labels == ["abc"]
+    assert stats.routing_layers == list(range(model.config.num_hidden_layers))
+    assert stats.tokens[0] == sum(len(r.text) for r in records)  # byte tokens after BOS
+    E = model.config.moe_experts
+
+    def loss(layer: int, i: int, j: int, scale: float) -> float:
+        def hook(moe, args, _out):
+            y, g1, g2 = args[:3]
+            G = torch.einsum("the,thf->tef", g1, g2).clone()
+            G[:, i, j] *= scale
+            return moe.forward_dense(y, G)
+        handle = model.model.layers[layer].moe.register_forward_hook(hook)
+        try:
+            total = 0.0
+            for batch in batches(records, model.tokenizer, batch_tokens=4096, max_length=512):
+                with torch.no_grad():
+                    logits = model(batch.input_ids, attention_mask=batch.attention_mask).logits
+                losses = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].transpose(1, 2), batch.input_ids[:, 1:], reduction="none")
+                total += float((losses * batch.attention_mask[:, 1:]).sum())
+            return total
+        finally:
+            handle.remove()
+
+    L = model.config.num_hidden_layers
+    assert [l for l in range(L) if model.config.is_routing_layer(l)][-1] == L - 2
+    for layer in (L - 2, L - 1):
+        flat = np.abs(stats.mass[0, layer]).reshape(-1)
+        for n in np.argsort(flat)[-2:]:
+            i, j = divmod(int(n), E)
+            eps = 1e-2  # the logits are float32, as in the release: not too small a step
+            derivative = (loss(layer, i, j, 1 + eps) - loss(layer, i, j, 1 - eps)) / (2 * eps)
+            assert abs(stats.mass[0, layer, i, j] - (-derivative)) < 1e-2 * max(1, flat[n])
+            assert flat[n] > 1e-6
+
+
+def test_attribution_profile_selects_by_loss_increase():
+    """attribution_profile is the specificity criterion on the (clipped) loss increase."""
+    from masks.statistics import LabelStatistics
+
+    E, L = 4, 2
+    mass = np.zeros((2, L, E, E))
+    mass[0, 0, 1, 2] = 10.0  # needed by "a" only
+    mass[0, 1, 3, 3] = 6.0  # needed by "a", hurts "b" a little: still specific
+    mass[1, 1, 3, 3] = -1.0
+    mass[0, 1, 0, 0] = 4.0  # needed by both: not specific
+    mass[1, 1, 0, 0] = 4.0
+    stats = LabelStatistics(labels=["a", "b"], routing_layers=[0, 1], num_layers=L,
+                            num_experts=E, num_heads=1, groups=1, mass=mass,
+                            tokens=np.array([10, 10]), model_id="m", quantity="attribution")
+    full = attribution_profile(stats, "a", name="no-a", coverage=None)
+    assert set(full.experts) == {(0, 1, 2), (1, 3, 3)}
+    assert full.provenance.criterion == "attribution"
+    with pytest.raises(ValueError, match="attribution"):
+        specificity_profile(stats, "a", name="x")
+    routing = LabelStatistics(**{**stats.__dict__, "quantity": "routing"})
+    with pytest.raises(ValueError, match="routing"):
+        attribution_profile(routing, "a", name="x")

@@ -114,3 +114,20 @@ def test_cli_import_does_not_load_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[2], check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_build_by_attribution(tmp_path, corpus, tiny_checkpoint):
+    stats = tmp_path / "stats.npz"
+    invoke("build", "domain", corpus, "--model", tiny_checkpoint, "--target", "abc",
+           "--name", "no-abc", "--stats", stats, "--out", tmp_path / "routing.json")
+    # the routing statistics in the cache are not reused for the other criterion
+    out = invoke("build", "domain", corpus, "--model", tiny_checkpoint, "--target", "abc",
+                 "--criterion", "attribution", "--coverage", "0.5", "--name", "no-abc",
+                 "--stats", stats, "--out", tmp_path / "attribution.json")
+    assert "another model, corpus or criterion" in out.output
+    profile = json.loads((tmp_path / "attribution.json").read_text())
+    assert profile["provenance"]["criterion"] == "attribution"
+    assert profile["provenance"]["thresholds"]["coverage"] == 0.5
+    wrong = invoke("build", "domain", corpus, "--model", tiny_checkpoint, "--criterion", "x",
+                   ok=False)
+    assert wrong.exit_code != 0 and "--criterion" in wrong.output

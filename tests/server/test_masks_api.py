@@ -135,6 +135,29 @@ def test_build_job_and_report(admin, gen):
     assert job["result"]["size"] >= report["size"]
 
 
+def test_build_by_attribution(admin, gen):
+    rng = np.random.default_rng(1)
+    words = ["def", "import", "return", "class", "lambda"], ["the", "cat", "sat", "on", "mat"]
+    records = [{"text": " ".join(rng.choice(words[n % 2], 12)), "label": ["code", "prose"][n % 2]}
+               for n in range(20)]
+    name = unique("attributed")
+    r = admin.post(f"/masks/{name}/build", json={
+        "kind": "domain", "target": "code", "records": records, "criterion": "attribution",
+        "coverage": 0.5})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    deadline = time.monotonic() + 60
+    while job["status"] in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(0.2)
+        job = gen.get(f"/jobs/{job['id']}").json()
+    assert job["status"] == "succeeded", job
+    report = gen.get(f"/masks/{name}/report").json()
+    assert report["provenance"]["criterion"] == "attribution" and report["size"] > 0
+    r = admin.post(f"/masks/{unique()}/build", json={
+        "kind": "domain", "target": "code", "records": records, "criterion": "gradient"})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "criterion"
+
+
 def test_build_errors(admin, gen):
     r = admin.post(f"/masks/{unique()}/build", json={"kind": "domain", "records": [{"text": "a"}]})
     assert r.status_code == 422 and "target" in r.json()["error"]["message"]
