@@ -55,7 +55,7 @@ def languages_command(
     model: Annotated[Path, typer.Option(help="Checkpoint directory.")],
     corpus: Annotated[Path, typer.Option(help="Corpus directory from `monet corpus build`.")],
     out: Annotated[Path, typer.Option(help="Where the table and plots go.")] = Path("docs"),
-    build_texts: Annotated[int, typer.Option(help="Training texts per language routed.")] = 200,
+    build_texts: Annotated[int, typer.Option(help="Training texts per language routed.")] = 100,
     eval_texts: Annotated[int, typer.Option(help="Held-out texts per language.")] = 30,
     coverages: Annotated[str, typer.Option(help="Coverage sweep, comma-separated.")] = "0.1,0.3,0.5",
 ):
@@ -68,6 +68,7 @@ def languages_command(
                              coverages=tuple(float(c) for c in coverages.split(",") if c))
     path = write_report(results, out, title=f"Language masks on {model.name}")
     for r in results:
-        typer.echo(f"no-{r.language}: target {r.target_delta:+.3f}, others {r.others_mean_delta:+.3f}"
-                   f" ({r.ratio:.1f}x) {'PASS' if r.passes() else 'below target'}")
+        typer.echo(f"no-{r.language} [{r.criterion}{', chosen' if r.chosen else ''}]: target "
+                   f"{r.target_delta:+.3f}, others {r.others_mean_delta:+.3f} ({r.ratio_text}) "
+                   f"{'PASS' if r.passes() else 'below target'}")
     typer.echo(f"report: {path}")

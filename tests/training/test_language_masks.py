@@ -1,10 +1,12 @@
 """The paper's section 5.2 on the shipped default model, at a smaller scale (docs/ has the
-full run): language masks built from training texts, evaluated on held-out texts.
+full run): language masks built from training texts, chosen on validation texts and evaluated
+on held-out test texts.
 
 A regression in the runtime, the builders or the mask application shows here as a mask that
-stops hurting its own language or starts hurting the others. On the shipped model the C and
-Perl masks meet the target (>= 0.1 nats/byte on the language, >= 5x the mean on the others);
-the Python, JavaScript and English masks do not yet (issue 7 stays open on that)."""
+stops hurting its own language or starts hurting the others. The chosen masks of C, English and
+Perl meet the target (>= 0.1 nats/byte on the language, >= 5x the mean on the others) at both
+scales; the Python and JavaScript masks do not yet at full scale (issue 7 stays open on that),
+so here they only have to hurt their own language."""
 
 from pathlib import Path
 
@@ -12,9 +14,10 @@ import pytest
 
 from monet_runtime import load_model
 from training.corpus import build_corpus
-from training.languages import language_masks
+from training.languages import PAPER, language_masks
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "monet_runtime" / "default_model"
+LANGUAGES = ["c", "english", "javascript", "perl", "python"]
 
 
 @pytest.fixture(scope="module")
@@ -24,18 +27,19 @@ def results(tmp_path_factory):
     if manifest.missing:
         pytest.skip(f"this machine lacks the sources for {manifest.missing}")
     model = load_model(DEFAULT_MODEL)
-    found = language_masks(model, corpus, build_texts=60, eval_texts=15, coverages=(),
-                           progress=False)
-    return {r.language: r for r in found}
+    return language_masks(model, corpus, build_texts=40, eval_texts=10,
+                          attribution_coverages=(0.3, 0.5), coverages=(), progress=False)
 
 
-@pytest.mark.parametrize("language", ["c", "perl"])
-def test_language_mask_meets_target(results, language):
-    r = results[language]
-    assert r.passes(min_delta=0.1, min_ratio=5.0), r
+@pytest.mark.parametrize("language", ["c", "english", "perl"])
+def test_chosen_mask_meets_target(results, language):
+    chosen = [r for r in results if r.language == language and r.chosen]
+    assert len(chosen) == 1
+    assert chosen[0].passes(min_delta=0.1, min_ratio=5.0), chosen[0]
 
 
 def test_every_mask_hurts_its_own_language(results):
-    assert set(results) == {"c", "english", "javascript", "perl", "python"}
-    for r in results.values():
+    paper = {r.language: r for r in results if r.criterion == PAPER}
+    assert sorted(paper) == LANGUAGES
+    for r in results:
         assert r.removed > 0 and r.target_delta > 0, r
