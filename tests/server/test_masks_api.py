@@ -98,11 +98,24 @@ def test_bad_profiles_are_422_naming_the_field(admin):
     assert r.status_code == 409 and r.json()["error"]["param"] == "model_id"
 
 
-def test_build_job_and_report(admin, gen):
-    rng = np.random.default_rng(0)
+def code_and_prose(count: int, seed: int) -> list[dict]:
+    """Inline build records: alternately "code" and "prose" texts of 12 words."""
+    rng = np.random.default_rng(seed)
     words = ["def", "import", "return", "class", "lambda"], ["the", "cat", "sat", "on", "mat"]
-    records = [{"text": " ".join(rng.choice(words[n % 2], 12)), "label": ["code", "prose"][n % 2]}
-               for n in range(40)]
+    return [{"text": " ".join(rng.choice(words[n % 2], 12)), "label": ["code", "prose"][n % 2]}
+            for n in range(count)]
+
+
+def wait_for(job: dict, gen) -> dict:
+    deadline = time.monotonic() + 60
+    while job["status"] in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(0.2)
+        job = gen.get(f"/jobs/{job['id']}").json()
+    return job
+
+
+def test_build_job_and_report(admin, gen):
+    records = code_and_prose(40, seed=0)
     name = unique("built")
     r = admin.post(f"/masks/{name}/build", json={
         "kind": "domain", "target": "code", "records": records, "factor": 1.5, "min_mass": 0,
@@ -110,10 +123,7 @@ def test_build_job_and_report(admin, gen):
     assert r.status_code == 202, r.text
     job = r.json()
     assert r.headers["location"] == f"/jobs/{job['id']}" and job["created_by"] == "root"
-    deadline = time.monotonic() + 60
-    while job["status"] in ("queued", "running") and time.monotonic() < deadline:
-        time.sleep(0.2)
-        job = gen.get(f"/jobs/{job['id']}").json()
+    job = wait_for(job, gen)
     assert job["status"] == "succeeded", job
     assert job["progress"] == 1.0 and job["result"]["name"] == name
     report = gen.get(f"/masks/{name}/report").json()
@@ -136,20 +146,13 @@ def test_build_job_and_report(admin, gen):
 
 
 def test_build_by_attribution(admin, gen):
-    rng = np.random.default_rng(1)
-    words = ["def", "import", "return", "class", "lambda"], ["the", "cat", "sat", "on", "mat"]
-    records = [{"text": " ".join(rng.choice(words[n % 2], 12)), "label": ["code", "prose"][n % 2]}
-               for n in range(20)]
+    records = code_and_prose(20, seed=1)
     name = unique("attributed")
     r = admin.post(f"/masks/{name}/build", json={
         "kind": "domain", "target": "code", "records": records, "criterion": "attribution",
         "coverage": 0.5})
     assert r.status_code == 202, r.text
-    job = r.json()
-    deadline = time.monotonic() + 60
-    while job["status"] in ("queued", "running") and time.monotonic() < deadline:
-        time.sleep(0.2)
-        job = gen.get(f"/jobs/{job['id']}").json()
+    job = wait_for(r.json(), gen)
     assert job["status"] == "succeeded", job
     report = gen.get(f"/masks/{name}/report").json()
     assert report["provenance"]["criterion"] == "attribution" and report["size"] > 0
