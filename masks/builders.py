@@ -181,26 +181,26 @@ def collect_attribution_statistics(
     identity, tokenizer = model.identity, model.tokenizer
     if tokenizer is None:
         raise ValueError("the model has no tokenizer: load it with load_model(..., tokenizer=True)")
-    # a private copy: the hooks below must never touch a model that also serves requests
+    # a private copy: its experts are replaced below; a model serving requests is never touched
     model = copy.deepcopy(model).requires_grad_(False)
     c = model.config
     L, E = c.num_hidden_layers, c.moe_experts
-    labels: list[str] = []
-    mass: list[torch.Tensor] = []  # per label [L, E, E]
-    tokens: list[int] = []
+    acc = LabelAccumulator(routing_layers=list(range(L)), num_layers=L, num_experts=E,
+                           num_heads=c.moe_heads, groups=1, device=model.device,
+                           quantity="attribution")
     gates: dict[int, torch.Tensor] = {}  # per layer: M [B, E, E], ones, requires grad
 
     def dense_experts(layer: int):
-        def hook(moe, args, _output):
-            y_TD, g1, g2 = args[:3]
+        moe = model.model.layers[layer].moe
+
+        def forward(y_TD, g1, g2, mask=None):
             M = gates[layer]
-            B = M.shape[0]
-            G = torch.einsum("the,thf->tef", g1, g2).view(B, -1, E, E) * M[:, None]
+            G = torch.einsum("the,thf->tef", g1, g2).view(M.shape[0], -1, E, E) * M[:, None]
             return moe.forward_dense(y_TD, G.view(-1, E, E))
-        return hook
+        return forward
 
     for l, layer in enumerate(model.model.layers):
-        layer.moe.register_forward_hook(dense_experts(l))
+        layer.moe.forward = dense_experts(l)
     bar = tqdm(desc="attributing", unit="tok", unit_scale=True, disable=not progress)
     try:
         for batch in batches(records, tokenizer, batch_tokens=batch_tokens,
@@ -217,27 +217,12 @@ def collect_attribution_statistics(
             loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:],
                                    reduction="none") * attention[:, 1:]
             loss.sum().backward()
-            removal = -torch.stack([gates[l].grad for l in range(L)], 1).double()  # [B, L, E, E]
-            counts = attention[:, 1:].sum(1).tolist()
-            for row, label in enumerate(batch.labels):
-                if label not in labels:
-                    labels.append(label)
-                    mass.append(torch.zeros(L, E, E, dtype=torch.float64, device=model.device))
-                    tokens.append(0)
-                n = labels.index(label)
-                mass[n] += removal[row]
-                tokens[n] += counts[row]
+            removal = -torch.stack([gates[l].grad for l in range(L)], 1)  # [B, L, E, E]
+            acc.add_per_text(removal, batch.labels, attention[:, 1:].sum(1).tolist())
             bar.update(batch.tokens)
     finally:
         bar.close()
-    order = sorted(range(len(labels)), key=labels.__getitem__)
-    return LabelStatistics(
-        labels=[labels[n] for n in order], routing_layers=list(range(L)), num_layers=L,
-        num_experts=E, num_heads=c.moe_heads, groups=1,
-        mass=(torch.stack([mass[n] for n in order]).cpu().numpy() if order
-              else np.zeros((0, L, E, E))),
-        tokens=np.array([tokens[n] for n in order], dtype=np.int64),
-        model_id=identity, corpus_fingerprint=fingerprint, quantity="attribution")
+    return acc.result(model_id=identity, corpus_fingerprint=fingerprint)
 
 
 def _open(corpus, **fields) -> tuple[Iterable[Record], str]:

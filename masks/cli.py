@@ -160,12 +160,10 @@ def build(
             options = dict(name=name, description=description, layers=_layers(layers))
             route = dict(text_field=text_field, batch_tokens=batch_tokens, max_length=max_length)
             if kind in ("domain", "language"):
-                thresholds = dict(factor=factor, coverage=coverage) \
-                    if criterion == "attribution" else dict(
-                        factor=factor, floor=floor, min_mass=min_mass, coverage=coverage)
-                profiles = _build_specificity(
+                profiles = _build_labelled(
                     loaded, source, kind, target, stats, options, route | dict(
-                        label_field=label_field), criterion, **thresholds)
+                        label_field=label_field), criterion, factor=factor, floor=floor,
+                    min_mass=min_mass, coverage=coverage)
             elif kind == "toxicity":
                 profiles = [_build_toxicity(loaded, source, stats, options, route, threshold,
                                             score_field, _scorer(scorer))]
@@ -181,16 +179,18 @@ def build(
         _emit(profiles, out=out, store=the_store if push else None)
 
 
-def _build_specificity(model, source, kind, target, stats_path, options, route, criterion,
-                       **thresholds):
+def _build_labelled(model, source, kind, target, stats_path, options, route, criterion, *,
+                    factor, floor, min_mass, coverage):
     from masks import builders
     from masks.corpus import corpus_fingerprint
     from masks.schema import slug
     from masks.statistics import LabelStatistics
 
+    thresholds = dict(factor=factor, coverage=coverage)
     if criterion == "specificity":
         collect, select = builders.collect_label_statistics, builders.specificity_profile
         quantity = "routing"
+        thresholds |= dict(floor=floor, min_mass=min_mass)
     elif criterion == "attribution":
         collect, select = builders.collect_attribution_statistics, builders.attribution_profile
         quantity = "attribution"

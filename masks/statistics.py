@@ -205,7 +205,8 @@ class LabelStatistics:
 
 @dataclass
 class LabelAccumulator:
-    """Streams router weights of labelled tokens into LabelStatistics."""
+    """Streams router weights of labelled tokens (add), or per-text sums of another quantity
+    (add_per_text), into LabelStatistics."""
 
     routing_layers: list[int]
     num_layers: int
@@ -214,6 +215,7 @@ class LabelAccumulator:
     groups: int
     method: Method = "auto"
     device: str | torch.device = "cpu"
+    quantity: Literal["routing", "attribution"] = "routing"
     labels: list[str] = field(default_factory=list)
     _mass: list[torch.Tensor] = field(default_factory=list)  # per label: [R, E, E] float64
     _tokens: list[int] = field(default_factory=list)
@@ -244,6 +246,14 @@ class LabelAccumulator:
         for label, count in Counter(index).items():
             self._tokens[label] += count
 
+    def add_per_text(self, sums_BREE: torch.Tensor, labels_B: list[str],
+                     tokens_B: list[int]) -> None:
+        """sums_BREE: float [B, R, E, E], each text's sum over its tokens; tokens_B: counts."""
+        for row, label in enumerate(labels_B):
+            n = self._index(label)
+            self._mass[n] += sums_BREE[row].to(self._mass[n])
+            self._tokens[n] += tokens_B[row]
+
     def result(self, *, model_id: str = "", corpus_fingerprint: str = "") -> LabelStatistics:
         E, R = self.num_experts, len(self.routing_layers)
         order = sorted(range(len(self.labels)), key=self.labels.__getitem__)
@@ -253,7 +263,7 @@ class LabelAccumulator:
             labels=[self.labels[n] for n in order], routing_layers=list(self.routing_layers),
             num_layers=self.num_layers, num_experts=E, num_heads=self.num_heads, groups=self.groups,
             mass=mass, tokens=np.array([self._tokens[n] for n in order], dtype=np.int64),
-            model_id=model_id, corpus_fingerprint=corpus_fingerprint)
+            model_id=model_id, corpus_fingerprint=corpus_fingerprint, quantity=self.quantity)
 
 
 # ---- per token score: toxicity profiles ---------------------------------------------------

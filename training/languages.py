@@ -80,7 +80,7 @@ def _margin(deltas: dict[str, float], target: str) -> float:
     return min(own / MIN_DELTA, own / (MIN_RATIO * mean))
 
 
-def language_masks(model, corpus: Path, *, build_texts: int = 200, eval_texts: int = 30,
+def language_masks(model, corpus: Path, *, build_texts: int = 100, eval_texts: int = 30,
                    factor: float = 2.0, attribution_coverages=(0.2, 0.3, 0.4, 0.5),
                    coverages=(0.1, 0.3, 0.5), max_length: int = 512,
                    progress: bool = True) -> list[LanguageResult]:

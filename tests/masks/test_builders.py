@@ -257,7 +257,8 @@ def test_attribution_is_the_loss_derivative(tiny_model):
     jumps when its input crosses the threshold, so differences across one are not smooth."""
     records = [r for r in texts(per_label=3) if r.label == "abc"]
     collect_attribution_statistics(tiny_model, records[:1], progress=False)
-    assert not any(layer.moe._forward_hooks for layer in tiny_model.model.layers)  # a copy
+    assert not any("forward" in vars(layer.moe) or layer.moe._forward_hooks
+                   for layer in tiny_model.model.layers)  # worked on a copy
     model = copy.deepcopy(tiny_model).double()
     stats = collect_attribution_statistics(model, records, progress=False)
     assert stats.quantity == "attribution" and stats.labels == ["abc"]
