@@ -6,7 +6,7 @@ For each language L, candidate "no-L" profiles come from two criteria:
     `factor` times that on the second label;
   attribution: experts whose removal raises L's loss (first order) at least `factor` times
     more than any other language's, taking the most specific until they carry `coverage` of
-    L's total increase.
+    L's total increase, over a grid of factors and coverages (identical masks count once).
 The candidate with the best margin on the valid split (against the target: a loss increase of
 at least 0.1 nats/byte and 5x the mean increase on the others) is reported on the test split,
 next to the paper's criterion. A coverage sweep of the paper's criterion shows the trade-off.
@@ -36,7 +36,7 @@ PAPER = "specificity"
 @dataclass
 class LanguageResult:
     language: str
-    criterion: str  # "specificity" (the paper's) or "attribution <coverage>"
+    criterion: str  # "specificity" (the paper's) or "attribution <factor>x <coverage>"
     chosen: bool  # the candidate chosen on the valid split
     removed: int  # composite experts removed over all layers
     removed_share: float  # of all composite experts
@@ -81,7 +81,8 @@ def _margin(deltas: dict[str, float], target: str) -> float:
 
 
 def language_masks(model, corpus: Path, *, build_texts: int = 100, eval_texts: int = 30,
-                   factor: float = 2.0, attribution_coverages=(0.2, 0.3, 0.4, 0.5),
+                   factor: float = 2.0, attribution_factors=(1.25, 1.5, 2.0),
+                   attribution_coverages=(0.3, 0.4, 0.5),
                    coverages=(0.1, 0.3, 0.5), max_length: int = 512,
                    progress: bool = True) -> list[LanguageResult]:
     """Per label of the corpus: the paper's mask and the candidate chosen on the valid split,
@@ -100,10 +101,14 @@ def language_masks(model, corpus: Path, *, build_texts: int = 100, eval_texts: i
     for lang in languages:
         candidates[lang, PAPER] = specificity_profile(routing, lang, name=f"no-{lang}",
                                                       kind="language", factor=factor)
-        for c in attribution_coverages:
-            candidates[lang, f"attribution {c:g}"] = attribution_profile(
-                attribution, lang, name=f"no-{lang}", kind="language", factor=factor,
-                coverage=c)
+        seen = {candidates[lang, PAPER].experts}
+        for f in attribution_factors:
+            for c in attribution_coverages:
+                profile = attribution_profile(attribution, lang, name=f"no-{lang}",
+                                              kind="language", factor=f, coverage=c)
+                if profile.experts not in seen:  # a coverage past what the factor admits
+                    seen.add(profile.experts)
+                    candidates[lang, f"attribution {f:g}x {c:g}"] = profile
     keys = {f"{lang}|{crit}": (lang, crit) for lang, crit in candidates}
     chosen = {}
     if attribution_coverages:
@@ -189,7 +194,8 @@ def write_report(results: list[LanguageResult], out: Path, *, title: str) -> Pat
                               f"{p['target_delta']:.3f} | {p['collateral_delta']:.3f} |")
     intro = ("Loss increase (nats/byte) on held-out test texts. For each language: the "
              "paper's criterion (routing specificity, factor 2) and the candidate chosen on the "
-             "valid split among it and the attribution masks (the target: at least "
+             "valid split among it and the attribution masks (\"attribution Fx C\": "
+             "factor F, coverage C; the target: at least "
              f"{MIN_DELTA:g} nats on the language and {MIN_RATIO:g}x the mean on the others). "
              "Regenerate with `monet languages` (README).")
     text = "\n".join([f"# {title}", "", intro, "", *rows, "", "![deltas](language-masks-deltas.png)", "",
