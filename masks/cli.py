@@ -124,7 +124,9 @@ def build(
     criterion: Annotated[str, typer.Option(
         help="domain/language: specificity (the paper: routing weight) | attribution (loss "
              "increase; give --coverage)")] = "specificity",
-    factor: Annotated[float, typer.Option(help="specificity factor (paper: 2)")] = 2.0,
+    factor: Annotated[float, typer.Option(
+        help="target >= factor x the next label (routing weight, or loss increase for "
+             "attribution; the paper: 2)")] = 2.0,
     floor: Annotated[float, typer.Option(help="min mean weight, x uniform H/E^2")] = 0.1,
     min_mass: Annotated[float, typer.Option(help="min total weight on the target")] = 1.0,
     coverage: Annotated[float | None, typer.Option(help="share of the target's mass")] = None,
