@@ -59,13 +59,17 @@ class LanguageResult:
 
 
 def sample_records(path: Path, per_label: int) -> list[Record]:
-    """The first `per_label` texts of each label (file order: deterministic)."""
+    """`per_label` texts of each label, evenly spaced over the file (deterministic). The first
+    N in file order would come from a handful of source files."""
     by_label: dict[str, list[Record]] = {}
     for record in read_corpus(path):
-        bucket = by_label.setdefault(record.label, [])
-        if len(bucket) < per_label:
-            bucket.append(record)
-    return [r for label in sorted(by_label) for r in by_label[label]]
+        by_label.setdefault(record.label, []).append(record)
+    sample = []
+    for label in sorted(by_label):
+        texts = by_label[label]
+        n = min(per_label, len(texts))
+        sample += [texts[i * len(texts) // n] for i in range(n)]
+    return sample
 
 
 def _deltas(table: LossTable, key: str) -> dict[str, float]:
