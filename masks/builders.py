@@ -4,6 +4,7 @@
     profile = specificity_profile(stats, "python", name="no-python", kind="language")
     grads = collect_attribution_statistics(model, "corpus.jsonl")    # by loss attribution
     profile = attribution_profile(grads, "python", name="no-python", coverage=0.3)
+    profile = learned_profile(model, "corpus.jsonl", "python", name="no-python")  # optimised
     tox = collect_correlation_statistics(model, "rtp.jsonl", score_field="toxicity")
     profile = toxicity_profile(tox, name="detox-0.1", threshold=0.1)
 Statistics are per routing layer (layers of a routing group share g1, g2), so a selection
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,9 +30,12 @@ from masks.corpus import (
     CorpusError,
     Record,
     Scorer,
+    Window,
     batches,
+    collate,
     corpus_fingerprint,
     read_corpus,
+    windows,
 )
 from masks.criteria import correlated_experts, specific_experts
 from masks.schema import MaskError, MaskProfile, ProfileKind, Provenance
@@ -51,6 +56,7 @@ __all__ = [
     "collect_correlation_statistics",
     "collect_label_statistics",
     "composite_profile",
+    "learned_profile",
     "manual_profile",
     "route_batches",
     "selection_to_mask",
@@ -181,26 +187,12 @@ def collect_attribution_statistics(
     identity, tokenizer = model.identity, model.tokenizer
     if tokenizer is None:
         raise ValueError("the model has no tokenizer: load it with load_model(..., tokenizer=True)")
-    # a private copy: its experts are replaced below; a model serving requests is never touched
-    model = copy.deepcopy(model).requires_grad_(False)
+    model, gates = _gated_copy(model)
     c = model.config
     L, E = c.num_hidden_layers, c.moe_experts
     acc = LabelAccumulator(routing_layers=list(range(L)), num_layers=L, num_experts=E,
                            num_heads=c.moe_heads, groups=1, device=model.device,
                            quantity="attribution")
-    gates: dict[int, torch.Tensor] = {}  # per layer: M [B, E, E], ones, requires grad
-
-    def dense_experts(layer: int):
-        moe = model.model.layers[layer].moe
-
-        def forward(y_TD, g1, g2, mask=None):
-            M = gates[layer]
-            G = torch.einsum("the,thf->tef", g1, g2).view(M.shape[0], -1, E, E) * M[:, None]
-            return moe.forward_dense(y_TD, G.view(-1, E, E))
-        return forward
-
-    for l, layer in enumerate(model.model.layers):
-        layer.moe.forward = dense_experts(l)
     bar = tqdm(desc="attributing", unit="tok", unit_scale=True, disable=not progress)
     try:
         for batch in batches(records, tokenizer, batch_tokens=batch_tokens,
@@ -223,6 +215,28 @@ def collect_attribution_statistics(
     finally:
         bar.close()
     return acc.result(model_id=identity, corpus_fingerprint=fingerprint)
+
+
+def _gated_copy(model) -> tuple[Any, dict[int, torch.Tensor]]:
+    """A private copy of the model whose every layer computes sum_ij M_ij g_ij(t) E_ij(y_t)
+    densely, with M = gates[layer]: [B, E, E] (one per text of the batch) or [1, E, E] (one
+    for all). The caller fills `gates`; a model serving requests is never touched."""
+    model = copy.deepcopy(model).requires_grad_(False)
+    E = model.config.moe_experts
+    gates: dict[int, torch.Tensor] = {}
+
+    def dense_experts(layer: int):
+        moe = model.model.layers[layer].moe
+
+        def forward(y_TD, g1, g2, mask=None):
+            M = gates[layer]
+            G = torch.einsum("the,thf->tef", g1, g2).view(M.shape[0], -1, E, E) * M[:, None]
+            return moe.forward_dense(y_TD, G.view(-1, E, E))
+        return forward
+
+    for l, layer in enumerate(model.model.layers):
+        layer.moe.forward = dense_experts(l)
+    return model, gates
 
 
 def _open(corpus, **fields) -> tuple[Iterable[Record], str]:
@@ -347,6 +361,122 @@ def attribution_profile(
                             layers=None if layers is None else ",".join(map(str, layers))),
             corpus_fingerprint=stats.corpus_fingerprint, target=target,
             labels=list(stats.labels), tokens=int(stats.tokens.sum()), created_by=created_by),
+    )
+
+
+def learned_profile(
+    model,
+    corpus: str | Path | Iterable[Record],
+    target: str,
+    *,
+    name: str,
+    kind: ProfileKind = "domain",
+    collateral: float = 10.0,
+    cap: float = 0.3,
+    sparsity: float = 0.05,
+    steps: int = 120,
+    texts_per_label: int = 3,
+    lr: float = 0.05,
+    max_length: int = 256,
+    seed: int = 0,
+    layers: Iterable[int] | None = None,
+    text_field: str = "text",
+    label_field: str = "label",
+    description: str = "",
+    created_by: str | None = None,
+    progress: bool = True,
+) -> MaskProfile:
+    """Remove the experts found by optimising the goal itself rather than a statistic.
+
+    Every layer computes sum_ij M_ij g_ij(t) E_ij(y_t) with a keep-gate M_ij in [0, 1] per
+    composite expert and layer, starting at 1. Adam (projected onto [0, 1]) minimises, over
+    `steps` batches of `texts_per_label` windows of each label (twice that of the target),
+
+        -min(d_target, cap) + collateral * mean_other max(d_label, 0) + sparsity * mean(1 - M)
+
+    where d_label is the label's mean loss increase per token over the unmasked model on the
+    batch: hurt the target (up to `cap` nats), no other label, with few experts. The experts
+    whose gate ends below 1/2 are removed. First-order criteria (attribution) predict the
+    effect of each removal alone; this one sees the removals together. Costs `steps` forward
+    and backward passes with [T, E, E] weights per layer, plus a forward each for the base.
+    """
+    if steps < 1 or texts_per_label < 1:
+        raise ValueError("steps and texts_per_label must be at least 1")
+    if collateral < 0 or cap <= 0 or sparsity < 0 or lr <= 0:
+        raise ValueError("collateral and sparsity must be >= 0, cap and lr > 0")
+    records, fingerprint = _open(corpus, text_field=text_field, label_field=label_field)
+    identity, tokenizer = model.identity, model.tokenizer
+    if tokenizer is None:
+        raise ValueError("the model has no tokenizer: load it with load_model(..., tokenizer=True)")
+    by_label: dict[str, list[Window]] = {}
+    for window in windows(records, tokenizer, max_length=max_length):
+        if window.label is None:
+            raise CorpusError(f"a text has no '{label_field}': label every text")
+        by_label.setdefault(window.label, []).append(window)
+    labels = sorted(by_label)
+    if target not in by_label:
+        raise ValueError(f"target: label {target!r} is not in the corpus "
+                         f"(labels: {', '.join(labels)})")
+    if len(labels) < 2:
+        raise CorpusError("a learned mask needs texts of at least one label besides the target")
+    model, gates = _gated_copy(model)
+    c, device = model.config, model.device
+    L, E = c.num_hidden_layers, c.moe_experts
+    keep = torch.ones(L, E, E, device=device, requires_grad=True)
+    ones = torch.ones(1, E, E, device=device)
+    optimiser = torch.optim.Adam([keep], lr=lr)
+    rng = random.Random(seed)
+    tokens = 0
+
+    def label_losses(batch: Batch, M: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        for l in range(L):
+            gates[l] = M[l]
+        ids, attention = batch.input_ids.to(device), batch.attention_mask.to(device)
+        logits = model(ids, attention_mask=attention).logits
+        loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:],
+                               reduction="none") * attention[:, 1:]
+        rows = {label: [i for i, lb in enumerate(batch.labels) if lb == label]
+                for label in labels}
+        return {label: loss[rows[label]].sum() / attention[rows[label], 1:].sum()
+                for label in labels}
+
+    bar = tqdm(range(steps), desc=f"learning no-{target}", disable=not progress)
+    try:
+        for _ in bar:
+            batch = collate([w for label in labels for w in rng.sample(
+                by_label[label], min(len(by_label[label]),
+                                     texts_per_label * (2 if label == target else 1)))])
+            tokens += batch.tokens
+            with torch.no_grad():
+                base = label_losses(batch, [ones] * L)
+            masked = label_losses(batch, [keep[l : l + 1] for l in range(L)])
+            delta = {label: masked[label] - base[label] for label in labels}
+            harm = torch.stack([delta[label].clamp(min=0) for label in labels if label != target])
+            objective = (-delta[target].clamp(max=cap) + collateral * harm.mean()
+                         + sparsity * (1 - keep).mean())
+            optimiser.zero_grad()
+            objective.backward()
+            optimiser.step()
+            with torch.no_grad():
+                keep.clamp_(0, 1)
+            bar.set_postfix(target=f"{delta[target].item():+.3f}",
+                            others=f"{harm.mean().item():.3f}",
+                            removed=int((keep < 0.5).sum()))
+    finally:
+        bar.close()
+    selected = (keep < 0.5).detach().cpu().numpy()
+    mask = selection_to_mask(selected, list(range(L)), groups=1, num_layers=L, layers=layers)
+    return MaskProfile(
+        name=name, description=description, kind=kind, model_id=identity,
+        num_layers=L, num_experts=E, experts=mask,
+        provenance=_provenance(
+            criterion="learned",
+            thresholds=dict(collateral=collateral, cap=cap, sparsity=sparsity, steps=steps,
+                            texts_per_label=texts_per_label, lr=lr, max_length=max_length,
+                            seed=seed,
+                            layers=None if layers is None else ",".join(map(str, layers))),
+            corpus_fingerprint=fingerprint, target=target, labels=labels, tokens=tokens,
+            created_by=created_by),
     )
 
 

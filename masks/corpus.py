@@ -21,9 +21,12 @@ __all__ = [
     "Batch",
     "CorpusError",
     "Record",
+    "Window",
     "batches",
+    "collate",
     "corpus_fingerprint",
     "read_corpus",
+    "windows",
 ]
 
 Scorer = Callable[[str], "float | Sequence[float]"]
@@ -129,14 +132,17 @@ class Batch:
 
 
 @dataclass(slots=True)
-class _Window:
+class Window:
+    """A tokenized text, or a piece of one at most max_length long (BOS first)."""
+
     ids: list[int]
     label: str | None
     scores: list[float] | None
 
 
-def _windows(records: Iterable[Record], tokenizer, *, max_length: int,
-             scorer: Scorer | None) -> Iterator[_Window]:
+def windows(records: Iterable[Record], tokenizer, *, max_length: int,
+            scorer: Scorer | None = None) -> Iterator[Window]:
+    """Each record's tokens (empty texts skipped) in windows of at most max_length."""
     if max_length < 2:
         raise ValueError("max_length must be at least 2")
     for record in records:
@@ -159,7 +165,7 @@ def _windows(records: Iterable[Record], tokenizer, *, max_length: int,
             window = bos + ids[start : start + step]
             window_scores = None if scores is None else (
                 [0.0] * len(bos) + scores[start : start + step])
-            yield _Window(window, record.label, window_scores)
+            yield Window(window, record.label, window_scores)
 
 
 def batches(
@@ -173,20 +179,20 @@ def batches(
 ) -> Iterator[Batch]:
     """Token batches of at most `batch_tokens` (padded) tokens, windows sorted by length within
     a buffer of `buffer` windows so that little is padding."""
-    pending: list[_Window] = []
+    pending: list[Window] = []
 
-    def flush(windows: list[_Window]) -> Iterator[Batch]:
-        windows.sort(key=lambda w: len(w.ids))
-        group: list[_Window] = []
-        for window in windows:
+    def flush(buffered: list[Window]) -> Iterator[Batch]:
+        buffered.sort(key=lambda w: len(w.ids))
+        group: list[Window] = []
+        for window in buffered:
             if group and len(window.ids) * (len(group) + 1) > batch_tokens:
-                yield _collate(group)
+                yield collate(group)
                 group = []
             group.append(window)
         if group:
-            yield _collate(group)
+            yield collate(group)
 
-    for window in _windows(records, tokenizer, max_length=max_length, scorer=scorer):
+    for window in windows(records, tokenizer, max_length=max_length, scorer=scorer):
         pending.append(window)
         if len(pending) >= buffer:
             yield from flush(pending)
@@ -195,7 +201,8 @@ def batches(
         yield from flush(pending)
 
 
-def _collate(windows: list[_Window]) -> Batch:
+def collate(windows: list[Window]) -> Batch:
+    """Right-padded batch of the windows, in their order."""
     B, T = len(windows), max(len(w.ids) for w in windows)
     ids = torch.zeros(B, T, dtype=torch.long)
     attention = torch.zeros(B, T, dtype=torch.long)
