@@ -123,7 +123,8 @@ def build(
     = None,
     criterion: Annotated[str, typer.Option(
         help="domain/language: specificity (the paper: routing weight) | attribution (loss "
-             "increase; give --coverage)")] = "specificity",
+             "increase; give --coverage) | learned (keep-gates optimised against the "
+             "target)")] = "specificity",
     factor: Annotated[float, typer.Option(
         help="target >= factor x the next label (routing weight, or loss increase for "
              "attribution; the paper: 2)")] = 2.0,
@@ -184,10 +185,19 @@ def build(
 def _build_labelled(model, source, kind, target, stats_path, options, route, criterion, *,
                     factor, floor, min_mass, coverage):
     from masks import builders
-    from masks.corpus import corpus_fingerprint
+    from masks.corpus import corpus_fingerprint, read_corpus
     from masks.schema import slug
     from masks.statistics import LabelStatistics
 
+    name = options.pop("name") or "no-{label}"
+    if criterion == "learned":  # no statistics: one search per target
+        fields = dict(text_field=route["text_field"], label_field=route["label_field"])
+        targets = [target] if target else sorted(
+            {r.label for r in read_corpus(source, **fields) if r.label is not None})
+        _check_name(name, targets)
+        return [builders.learned_profile(
+            model, source, t, name=slug(name.replace("{label}", t)), kind=kind,
+            max_length=route["max_length"], **fields, **options) for t in targets]
     thresholds = dict(factor=factor, coverage=coverage)
     if criterion == "specificity":
         collect, select = builders.collect_label_statistics, builders.specificity_profile
@@ -198,7 +208,8 @@ def _build_labelled(model, source, kind, target, stats_path, options, route, cri
         quantity = "attribution"
         route = {k: v for k, v in route.items() if k != "batch_tokens"}  # [T, E, E] per layer
     else:
-        raise ValueError(f"--criterion must be specificity or attribution, got '{criterion}'")
+        raise ValueError("--criterion must be specificity, attribution or learned, "
+                         f"got '{criterion}'")
     stats = None
     if stats_path is not None and stats_path.exists():
         stats = LabelStatistics.load(stats_path)
@@ -212,11 +223,14 @@ def _build_labelled(model, source, kind, target, stats_path, options, route, cri
         if stats_path is not None:
             stats.save(stats_path)
     targets = [target] if target else stats.labels
-    name = options.pop("name") or "no-{label}"
-    if len(targets) > 1 and "{label}" not in name:
-        raise ValueError("--name must contain {label} when building one profile per label")
+    _check_name(name, targets)
     return [select(stats, t, name=slug(name.replace("{label}", t)), kind=kind, **options,
                    **thresholds) for t in targets]
+
+
+def _check_name(name: str, targets: list[str]) -> None:
+    if len(targets) > 1 and "{label}" not in name:
+        raise ValueError("--name must contain {label} when building one profile per label")
 
 
 def _build_toxicity(model, source, stats_path, options, route, threshold, score_field, scorer):

@@ -55,6 +55,11 @@ class RuntimeProfileBuilder:
             profile = builders.toxicity_profile(
                 stats, name=name, threshold=spec.threshold, layers=spec.layers,
                 description=spec.description, created_by=created_by)
+        elif spec.criterion == "learned":
+            profile = builders.learned_profile(
+                model, counted, spec.target, name=name, kind=spec.kind,
+                max_length=spec.max_length, layers=spec.layers, description=spec.description,
+                created_by=created_by, progress=False)
         elif spec.criterion == "attribution":
             stats = builders.collect_attribution_statistics(
                 model, counted, max_length=spec.max_length, progress=False)

@@ -81,10 +81,12 @@ class BuildRequest(Strict):
                                max_length=512)
     target: str | None = Field(None, max_length=128, description="domain / language: the label "
                                "whose experts are removed.")
-    criterion: Literal["specificity", "attribution"] = Field(
+    criterion: Literal["specificity", "attribution", "learned"] = Field(
         "specificity", description="domain / language: 'specificity' (the paper: routing "
-        "weight on the target against the other labels) or 'attribution' (first-order loss "
-        "increase on the target against the others; set coverage, e.g. 0.3).")
+        "weight on the target against the other labels), 'attribution' (first-order loss "
+        "increase on the target against the others; set coverage, e.g. 0.3) or 'learned' "
+        "(keep-gates optimised to raise the target's loss and no other label's; factor and "
+        "coverage do not apply).")
     factor: float | None = Field(2.0, gt=1, le=1000)
     floor: float = Field(0.1, ge=0, le=1000)
     min_mass: float = Field(1.0, ge=0, le=1e9)

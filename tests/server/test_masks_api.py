@@ -6,6 +6,7 @@ import base64
 import time
 
 import numpy as np
+import pytest
 from server_support import unique
 
 LAYERS = [{"layer": 0, "experts": [[0, 1], [2, 3]]}, {"layer": 2, "experts": [[5, 5]]}]
@@ -145,17 +146,19 @@ def test_build_job_and_report(admin, gen):
     assert job["result"]["size"] >= report["size"]
 
 
-def test_build_by_attribution(admin, gen):
+@pytest.mark.parametrize("criterion", ["attribution", "learned"])
+def test_build_by_loss(admin, gen, criterion):
     records = code_and_prose(20, seed=1)
-    name = unique("attributed")
+    name = unique(criterion)
     r = admin.post(f"/masks/{name}/build", json={
-        "kind": "domain", "target": "code", "records": records, "criterion": "attribution",
+        "kind": "domain", "target": "code", "records": records, "criterion": criterion,
         "coverage": 0.5})
     assert r.status_code == 202, r.text
     job = wait_for(r.json(), gen)
     assert job["status"] == "succeeded", job
     report = gen.get(f"/masks/{name}/report").json()
-    assert report["provenance"]["criterion"] == "attribution" and report["size"] > 0
+    assert report["provenance"]["criterion"] == criterion and report["size"] > 0
+    assert report["provenance"]["target"] == "code"
     r = admin.post(f"/masks/{unique()}/build", json={
         "kind": "domain", "target": "code", "records": records, "criterion": "gradient"})
     assert r.status_code == 422 and r.json()["error"]["param"] == "criterion"
