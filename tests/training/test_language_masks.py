@@ -3,11 +3,12 @@ full run): language masks built from training texts, chosen on validation texts 
 on held-out test texts.
 
 A regression in the runtime, the builders or the mask application shows here as a mask that
-stops hurting its own language or starts hurting the others. The chosen masks of C, English and
-Perl meet the target (>= 0.1 nats/byte on the language, >= 5x the mean on the others) at both
-scales; Python's meets it at full scale (0.13 nats, 5.8x) but not here (0.08 nats) and
-JavaScript's at neither (issue 7 stays open on that), so here they only have to hurt their own
-language."""
+stops hurting its own language or starts hurting the others. The candidates are the paper's
+criterion and the learned mask (60 optimisation steps here, 120 in the full run; the
+attribution grid is left out for time: its criterion has its own tests). The chosen masks of
+C, English, JavaScript and Perl meet the target (>= 0.1 nats/byte on the language, >= 5x the
+mean on the others) at both scales; Python's meets it at full scale but not here (0.06 nats
+after 60 steps), so here it only has to hurt its own language."""
 
 from pathlib import Path
 
@@ -28,19 +29,18 @@ def results(tmp_path_factory):
     if manifest.missing:
         pytest.skip(f"this machine lacks the sources for {manifest.missing}")
     model = load_model(DEFAULT_MODEL)
-    return language_masks(model, corpus, build_texts=40, eval_texts=10,
-                          attribution_coverages=(0.3, 0.5), coverages=(), progress=False)
+    return language_masks(model, corpus, build_texts=40, eval_texts=10, attribution_coverages=(),
+                          learned_steps=60, coverages=(), progress=False)
 
 
-@pytest.mark.parametrize("language", ["c", "english", "perl"])
+@pytest.mark.parametrize("language", ["c", "english", "javascript", "perl"])
 def test_chosen_mask_meets_target(results, language):
     chosen = [r for r in results if r.language == language and r.chosen]
     assert len(chosen) == 1
-    assert chosen[0].passes(min_delta=0.1, min_ratio=5.0), chosen[0]
+    assert chosen[0].passes(), chosen[0]
 
 
 def test_every_mask_hurts_its_own_language(results):
-    paper = {r.language: r for r in results if r.criterion == PAPER}
-    assert sorted(paper) == LANGUAGES
+    assert sorted(r.language for r in results if r.criterion == PAPER) == LANGUAGES
     for r in results:
         assert r.removed > 0 and r.target_delta > 0, r
