@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -385,6 +385,7 @@ def learned_profile(
     description: str = "",
     created_by: str | None = None,
     progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
 ) -> MaskProfile:
     """Remove the experts found by optimising the goal itself rather than a statistic.
 
@@ -398,7 +399,8 @@ def learned_profile(
     batch: hurt the target (up to `cap` nats), no other label, with few experts. The experts
     whose gate ends below 1/2 are removed. First-order criteria (attribution) predict the
     effect of each removal alone; this one sees the removals together. Costs `steps` forward
-    and backward passes with [T, E, E] weights per layer, plus a forward each for the base.
+    and backward passes with [T, E, E] weights per layer, plus a forward each for the base;
+    `on_step(n)` is called after each (n steps done).
     """
     if steps < 1 or texts_per_label < 1:
         raise ValueError("steps and texts_per_label must be at least 1")
@@ -442,7 +444,7 @@ def learned_profile(
 
     bar = tqdm(range(steps), desc=f"learning no-{target}", disable=not progress)
     try:
-        for _ in bar:
+        for step in bar:
             batch = collate([w for label in labels for w in rng.sample(
                 by_label[label], min(len(by_label[label]),
                                      texts_per_label * (2 if label == target else 1)))])
@@ -462,6 +464,8 @@ def learned_profile(
             bar.set_postfix(target=f"{delta[target].item():+.3f}",
                             others=f"{harm.mean().item():.3f}",
                             removed=int((keep < 0.5).sum()))
+            if on_step is not None:
+                on_step(step + 1)
     finally:
         bar.close()
     selected = (keep < 0.5).detach().cpu().numpy()

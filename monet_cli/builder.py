@@ -55,11 +55,13 @@ class RuntimeProfileBuilder:
             profile = builders.toxicity_profile(
                 stats, name=name, threshold=spec.threshold, layers=spec.layers,
                 description=spec.description, created_by=created_by)
-        elif spec.criterion == "learned":
+        elif spec.criterion == "learned":  # the texts are read first, then optimised on
+            share, steps = counted.share, 120
             profile = builders.learned_profile(
-                model, counted, spec.target, name=name, kind=spec.kind,
+                model, records, spec.target, name=name, kind=spec.kind, steps=steps,
                 max_length=spec.max_length, layers=spec.layers, description=spec.description,
-                created_by=created_by, progress=False)
+                created_by=created_by, progress=False,
+                on_step=lambda n: progress(share * n / steps, f"step {n}/{steps}"))
         elif spec.criterion == "attribution":
             stats = builders.collect_attribution_statistics(
                 model, counted, max_length=spec.max_length, progress=False)
