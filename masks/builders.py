@@ -385,7 +385,7 @@ def learned_profile(
     description: str = "",
     created_by: str | None = None,
     progress: bool = True,
-    on_step: Callable[[int], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> MaskProfile:
     """Remove the experts found by optimising the goal itself rather than a statistic.
 
@@ -400,7 +400,7 @@ def learned_profile(
     whose gate ends below 1/2 are removed. First-order criteria (attribution) predict the
     effect of each removal alone; this one sees the removals together. Costs `steps` forward
     and backward passes with [T, E, E] weights per layer, plus a forward each for the base;
-    `on_step(n)` is called after each (n steps done).
+    `on_step(done, steps)` is called after each.
     """
     if steps < 1 or texts_per_label < 1:
         raise ValueError("steps and texts_per_label must be at least 1")
@@ -465,7 +465,7 @@ def learned_profile(
                             others=f"{harm.mean().item():.3f}",
                             removed=int((keep < 0.5).sum()))
             if on_step is not None:
-                on_step(step + 1)
+                on_step(step + 1, steps)
     finally:
         bar.close()
     selected = (keep < 0.5).detach().cpu().numpy()

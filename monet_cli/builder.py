@@ -56,12 +56,12 @@ class RuntimeProfileBuilder:
                 stats, name=name, threshold=spec.threshold, layers=spec.layers,
                 description=spec.description, created_by=created_by)
         elif spec.criterion == "learned":  # the texts are read first, then optimised on
-            share, steps = counted.share, 120
+            share = counted.share
             profile = builders.learned_profile(
-                model, records, spec.target, name=name, kind=spec.kind, steps=steps,
+                model, records, spec.target, name=name, kind=spec.kind,
                 max_length=spec.max_length, layers=spec.layers, description=spec.description,
                 created_by=created_by, progress=False,
-                on_step=lambda n: progress(share * n / steps, f"step {n}/{steps}"))
+                on_step=lambda n, steps: progress(share * n / steps, f"step {n}/{steps}"))
         elif spec.criterion == "attribution":
             stats = builders.collect_attribution_statistics(
                 model, counted, max_length=spec.max_length, progress=False)

@@ -329,8 +329,9 @@ def test_learned_profile_hurts_its_target_not_the_others(tiny_model):
     build = texts(seed=0, per_label=8)
     kwargs = dict(name="no-abc", steps=40, lr=0.1, progress=False)
     steps_done = []
-    profile = learned_profile(tiny_model, build, "abc", on_step=steps_done.append, **kwargs)
-    assert steps_done == list(range(1, 41))
+    profile = learned_profile(tiny_model, build, "abc",
+                              on_step=lambda n, steps: steps_done.append((n, steps)), **kwargs)
+    assert steps_done == [(n, 40) for n in range(1, 41)]
     assert profile.provenance.criterion == "learned" and profile.provenance.target == "abc"
     assert profile.provenance.labels == sorted(ALPHABETS)
     assert 0 < profile.size < 4 * 16 * 16
