@@ -14,7 +14,6 @@ holds for every layer of its group; `layers` restricts a profile to some layers.
 from __future__ import annotations
 
 import copy
-import hashlib
 import random
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -35,6 +34,7 @@ from masks.corpus import (
     collate,
     corpus_fingerprint,
     read_corpus,
+    records_fingerprint,
     windows,
 )
 from masks.criteria import correlated_experts, specific_experts
@@ -58,6 +58,7 @@ __all__ = [
     "composite_profile",
     "learned_profile",
     "manual_profile",
+    "next_token_losses",
     "route_batches",
     "selection_to_mask",
     "specificity_profile",
@@ -78,6 +79,24 @@ def _routing_layers(model) -> list[int]:
     return [l for l in range(c.num_hidden_layers) if c.is_routing_layer(l)]
 
 
+def _tokenizer(model):
+    if model.tokenizer is None:
+        raise ValueError("the model has no tokenizer: load it with load_model(..., tokenizer=True)")
+    return model.tokenizer
+
+
+def _check_labelled(labels: Iterable[str | None], label_field: str) -> None:
+    if any(label is None for label in labels):
+        raise CorpusError(f"a text has no '{label_field}': label every text")
+
+
+def next_token_losses(logits: torch.Tensor, ids: torch.Tensor,
+                      attention: torch.Tensor) -> torch.Tensor:
+    """Loss of each next-token prediction [B, T-1] (0 where the target is padding)."""
+    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    return losses * attention[:, 1:]
+
+
 def route_batches(
     model,
     records: Iterable[Record],
@@ -89,13 +108,12 @@ def route_batches(
 ) -> Iterable[tuple[Batch, dict[int, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]]:
     """Yields (batch, router weights of its routed tokens {routing layer: (g1, g2) [N, H, E]},
     keep [B, T] bool saying which tokens those are, row-major)."""
-    if model.tokenizer is None:
-        raise ValueError("the model has no tokenizer: load it with load_model(..., tokenizer=True)")
+    tokenizer = _tokenizer(model)
     device = model.device
     bar = tqdm(desc=progress if isinstance(progress, str) else "routing", unit="tok",
                unit_scale=True, disable=not progress)
     try:
-        for batch in batches(records, model.tokenizer, batch_tokens=batch_tokens,
+        for batch in batches(records, tokenizer, batch_tokens=batch_tokens,
                              max_length=max_length, scorer=scorer):
             with torch.inference_mode():
                 out = model(batch.input_ids.to(device), output_router_probs=True,
@@ -119,16 +137,19 @@ def collect_label_statistics(
     batch_tokens: int = 8192,
     max_length: int = 512,
     method: Method = "auto",
+    fingerprint: str | None = None,
     progress: bool = True,
 ) -> LabelStatistics:
-    """Sum of composite routing weights per label and routing layer over a labelled corpus."""
-    records, fingerprint = _open(corpus, text_field=text_field, label_field=label_field)
+    """Sum of composite routing weights per label and routing layer over a labelled corpus.
+    Records given inline are read as they are routed when `fingerprint` names them, else read
+    all first to compute it (likewise for the other collectors)."""
+    records, fingerprint = _open(corpus, fingerprint, text_field=text_field,
+                                 label_field=label_field)
     acc = LabelAccumulator(routing_layers=_routing_layers(model), method=method,
                            device=model.device, **_shape(model))
     for batch, probs, keep in route_batches(model, records, batch_tokens=batch_tokens,
                                             max_length=max_length, progress=progress):
-        if any(label is None for label in batch.labels):
-            raise CorpusError(f"a text has no '{label_field}': label every text")
+        _check_labelled(batch.labels, label_field)
         counts = keep.sum(1).tolist()
         labels_T = [label for label, n in zip(batch.labels, counts, strict=True)
                     for _ in range(n)]
@@ -146,12 +167,13 @@ def collect_correlation_statistics(
     batch_tokens: int = 8192,
     max_length: int = 512,
     method: Method = "auto",
+    fingerprint: str | None = None,
     progress: bool = True,
 ) -> CorrelationStatistics:
     """Sums for the correlation of composite routing weights with a per-token score: the
     corpus's `score_field` (a number per text, spread over its tokens, or a list with one
     number per token) or `scorer(text)`, which returns the same."""
-    records, fingerprint = _open(corpus, text_field=text_field, label_field="label",
+    records, fingerprint = _open(corpus, fingerprint, text_field=text_field, label_field="label",
                                  score_field=None if scorer else score_field)
     acc = CorrelationAccumulator(routing_layers=_routing_layers(model), method=method,
                                  device=model.device, **_shape(model))
@@ -172,6 +194,7 @@ def collect_attribution_statistics(
     label_field: str = "label",
     batch_tokens: int = 4096,
     max_length: int = 512,
+    fingerprint: str | None = None,
     progress: bool = True,
 ) -> LabelStatistics:
     """Per label and layer, the first-order increase of the summed next-token loss when
@@ -183,10 +206,9 @@ def collect_attribution_statistics(
     predictions need. On small models the two differ: an expert can be routed mostly on one
     language yet matter little to it. Costs a forward and backward with [T, E, E] weights per
     layer (for E = 512, route few tokens per batch)."""
-    records, fingerprint = _open(corpus, text_field=text_field, label_field=label_field)
-    identity, tokenizer = model.identity, model.tokenizer
-    if tokenizer is None:
-        raise ValueError("the model has no tokenizer: load it with load_model(..., tokenizer=True)")
+    records, fingerprint = _open(corpus, fingerprint, text_field=text_field,
+                                 label_field=label_field)
+    identity, tokenizer = model.identity, _tokenizer(model)
     model, gates = _gated_copy(model)
     c = model.config
     L, E = c.num_hidden_layers, c.moe_experts
@@ -197,8 +219,7 @@ def collect_attribution_statistics(
     try:
         for batch in batches(records, tokenizer, batch_tokens=batch_tokens,
                              max_length=max_length):
-            if any(label is None for label in batch.labels):
-                raise CorpusError(f"a text has no '{label_field}': label every text")
+            _check_labelled(batch.labels, label_field)
             ids = batch.input_ids.to(model.device)
             attention = batch.attention_mask.to(model.device)
             for l in range(L):
@@ -206,9 +227,7 @@ def collect_attribution_statistics(
                                       dtype=torch.promote_types(model.dtype, torch.float32),
                                       requires_grad=True)
             logits = model(ids, attention_mask=attention).logits
-            loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:],
-                                   reduction="none") * attention[:, 1:]
-            loss.sum().backward()
+            next_token_losses(logits, ids, attention).sum().backward()
             removal = -torch.stack([gates[l].grad for l in range(L)], 1)  # [B, L, E, E]
             acc.add_per_text(removal, batch.labels, attention[:, 1:].sum(1).tolist())
             bar.update(batch.tokens)
@@ -239,12 +258,13 @@ def _gated_copy(model) -> tuple[Any, dict[int, torch.Tensor]]:
     return model, gates
 
 
-def _open(corpus, **fields) -> tuple[Iterable[Record], str]:
+def _open(corpus, fingerprint: str | None, **fields) -> tuple[Iterable[Record], str]:
     if isinstance(corpus, (str, Path)):
         return read_corpus(corpus, **fields), corpus_fingerprint(corpus)
+    if fingerprint is not None:
+        return corpus, fingerprint
     records = list(corpus)
-    digest = hashlib.sha256(repr([(r.text, r.label, r.score) for r in records]).encode())
-    return records, f"sha256:{digest.hexdigest()[:32]}"
+    return records, records_fingerprint(records)
 
 
 # ---- selections to profiles --------------------------------------------------------------
@@ -379,6 +399,7 @@ def learned_profile(
     lr: float = 0.05,
     max_length: int = 256,
     seed: int = 0,
+    fingerprint: str | None = None,
     layers: Iterable[int] | None = None,
     text_field: str = "text",
     label_field: str = "label",
@@ -406,14 +427,12 @@ def learned_profile(
         raise ValueError("steps and texts_per_label must be at least 1")
     if collateral < 0 or cap <= 0 or sparsity < 0 or lr <= 0:
         raise ValueError("collateral and sparsity must be >= 0, cap and lr > 0")
-    records, fingerprint = _open(corpus, text_field=text_field, label_field=label_field)
-    identity, tokenizer = model.identity, model.tokenizer
-    if tokenizer is None:
-        raise ValueError("the model has no tokenizer: load it with load_model(..., tokenizer=True)")
+    records, fingerprint = _open(corpus, fingerprint, text_field=text_field,
+                                 label_field=label_field)
+    identity, tokenizer = model.identity, _tokenizer(model)
     by_label: dict[str, list[Window]] = {}
     for window in windows(records, tokenizer, max_length=max_length):
-        if window.label is None:
-            raise CorpusError(f"a text has no '{label_field}': label every text")
+        _check_labelled([window.label], label_field)
         by_label.setdefault(window.label, []).append(window)
     labels = sorted(by_label)
     if target not in by_label:
@@ -434,9 +453,7 @@ def learned_profile(
         for l in range(L):
             gates[l] = M[l]
         ids, attention = batch.input_ids.to(device), batch.attention_mask.to(device)
-        logits = model(ids, attention_mask=attention).logits
-        loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:],
-                               reduction="none") * attention[:, 1:]
+        loss = next_token_losses(model(ids, attention_mask=attention).logits, ids, attention)
         rows = {label: [i for i, lb in enumerate(batch.labels) if lb == label]
                 for label in labels}
         return {label: loss[rows[label]].sum() / attention[rows[label], 1:].sum()

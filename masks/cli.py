@@ -143,7 +143,8 @@ def build(
     out: Annotated[Path | None, typer.Option(help="write the profile(s) here (.json)")] = None,
     push: Annotated[bool, typer.Option(help="put the profile(s) into the store")] = False,
     batch_tokens: int = 8192,
-    max_length: int = 512,
+    max_length: Annotated[int, typer.Option(
+        help="tokens per routed window (learned: always 256-token windows)")] = 512,
     device: str = "cpu",
     dtype: str = "float32",
     store: StoreOpt = None,
@@ -196,8 +197,8 @@ def _build_labelled(model, source, kind, target, stats_path, options, route, cri
             {r.label for r in read_corpus(source, **fields) if r.label is not None})
         _check_name(name, targets)
         return [builders.learned_profile(
-            model, source, t, name=slug(name.replace("{label}", t)), kind=kind,
-            max_length=route["max_length"], **fields, **options) for t in targets]
+            model, source, t, name=slug(name.replace("{label}", t)), kind=kind, **fields,
+            **options) for t in targets]
     thresholds = dict(factor=factor, coverage=coverage)
     if criterion == "specificity":
         collect, select = builders.collect_label_statistics, builders.specificity_profile

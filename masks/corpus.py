@@ -26,6 +26,7 @@ __all__ = [
     "collate",
     "corpus_fingerprint",
     "read_corpus",
+    "records_fingerprint",
     "windows",
 ]
 
@@ -106,6 +107,12 @@ def corpus_fingerprint(path: str | Path) -> str:
             while chunk := f.read(1 << 20):
                 digest.update(chunk)
         digest.update(b"\0")
+    return f"sha256:{digest.hexdigest()[:32]}"
+
+
+def records_fingerprint(records: Iterable[Record]) -> str:
+    """sha256 of records given inline (their texts, labels and scores)."""
+    digest = hashlib.sha256(repr([(r.text, r.label, r.score) for r in records]).encode())
     return f"sha256:{digest.hexdigest()[:32]}"
 
 

@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from masks.builders import specificity_profile
+from masks.builders import next_token_losses, specificity_profile
 from masks.corpus import Record, batches, corpus_fingerprint, read_corpus
 from masks.schema import EvaluationReport, LabelLoss, MaskProfile, ModelMismatch, SweepPoint
 from masks.statistics import LabelStatistics
@@ -50,8 +49,7 @@ class LossTable:
 def _token_losses(model, ids, attention, mask) -> torch.Tensor:
     """Loss of each next-token prediction [B, T-1] (0 where the target is padding)."""
     logits = model(ids, mask=mask, attention_mask=attention).logits  # [B, T, V]
-    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-    return losses.double() * attention[:, 1:]
+    return next_token_losses(logits, ids, attention).double()
 
 
 def evaluate_masks(

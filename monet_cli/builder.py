@@ -5,9 +5,8 @@ records are consumed.
 
 from __future__ import annotations
 
-import hashlib
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,28 +49,30 @@ class RuntimeProfileBuilder:
         model = self.model()
         records, fingerprint = self._records(spec, corpus)
         counted = _Counted(records, progress, 0.8 if spec.evaluate else 0.95)
+        route = dict(max_length=spec.max_length, fingerprint=fingerprint, progress=False)
         if spec.kind == "toxicity":
-            stats = self._correlation(model, counted, spec, fingerprint)
+            stats = builders.collect_correlation_statistics(
+                model, counted, score_field=spec.score_field, **route)
             profile = builders.toxicity_profile(
                 stats, name=name, threshold=spec.threshold, layers=spec.layers,
                 description=spec.description, created_by=created_by)
-        elif spec.criterion == "learned":  # the texts are read first, then optimised on
+        elif spec.criterion == "learned":  # read first, then optimised on in 256-token windows
             share = counted.share
             profile = builders.learned_profile(
-                model, records, spec.target, name=name, kind=spec.kind,
-                max_length=spec.max_length, layers=spec.layers, description=spec.description,
-                created_by=created_by, progress=False,
+                model, records, spec.target, name=name, kind=spec.kind, layers=spec.layers,
+                description=spec.description, created_by=created_by, fingerprint=fingerprint,
+                progress=False,
                 on_step=lambda n, steps: progress(share * n / steps, f"step {n}/{steps}"))
         elif spec.criterion == "attribution":
-            stats = builders.collect_attribution_statistics(
-                model, counted, max_length=spec.max_length, progress=False)
+            stats = builders.collect_attribution_statistics(model, counted, **route)
             self._check_target(spec, stats)
             profile = builders.attribution_profile(
                 stats, spec.target, name=name, kind=spec.kind, factor=spec.factor,
                 coverage=spec.coverage, layers=spec.layers, description=spec.description,
                 created_by=created_by)
         else:
-            stats = self._labels(model, counted, spec, fingerprint)
+            stats = builders.collect_label_statistics(model, counted, **route)
+            self._check_target(spec, stats)
             profile = builders.specificity_profile(
                 stats, spec.target, name=name, kind=spec.kind, factor=spec.factor,
                 floor=spec.floor, min_mass=spec.min_mass, coverage=spec.coverage,
@@ -87,54 +88,16 @@ class RuntimeProfileBuilder:
 
     @staticmethod
     def _records(spec, corpus: Path | None) -> tuple[list, str]:
-        from masks.corpus import Record, corpus_fingerprint, read_corpus
+        from masks.corpus import Record, corpus_fingerprint, read_corpus, records_fingerprint
 
         if corpus is not None:
             return (list(read_corpus(corpus, score_field=spec.score_field)),
                     corpus_fingerprint(corpus))
         records = [Record(r.text, r.label, r.score) for r in spec.records]
-        digest = hashlib.sha256(repr([(r.text, r.label, r.score) for r in records]).encode())
-        return records, f"sha256:{digest.hexdigest()[:32]}"
-
-    @staticmethod
-    def _shape(model) -> dict[str, Any]:
-        c = model.config
-        return dict(routing_layers=[l for l in range(c.num_hidden_layers)
-                                    if c.is_routing_layer(l)],
-                    num_layers=c.num_hidden_layers, num_experts=c.moe_experts,
-                    num_heads=c.moe_heads, groups=c.moe_groups, device=model.device)
-
-    def _labels(self, model, records: Iterable, spec, fingerprint: str):
-        from masks.builders import route_batches
-        from masks.corpus import CorpusError
-        from masks.statistics import LabelAccumulator
-
-        acc = LabelAccumulator(**self._shape(model))
-        for batch, probs, keep in route_batches(model, records, max_length=spec.max_length,
-                                                progress=False):
-            if any(label is None for label in batch.labels):
-                raise CorpusError("a text has no label: label every text")
-            counts = keep.sum(1).tolist()
-            acc.add(probs, [label for label, n in zip(batch.labels, counts) for _ in range(n)])
-        stats = acc.result(model_id=model.identity, corpus_fingerprint=fingerprint)
-        self._check_target(spec, stats)
-        return stats
+        return records, records_fingerprint(records)
 
     @staticmethod
     def _check_target(spec, stats) -> None:
         if spec.target not in stats.labels:
             raise ValueError(f"target: label {spec.target!r} is not in the corpus "
                              f"(labels: {', '.join(stats.labels)})")
-
-    def _correlation(self, model, records: Iterable, spec, fingerprint: str):
-        from masks.builders import route_batches
-        from masks.corpus import CorpusError
-        from masks.statistics import CorrelationAccumulator
-
-        acc = CorrelationAccumulator(**self._shape(model))
-        for batch, probs, keep in route_batches(model, records, max_length=spec.max_length,
-                                                progress=False):
-            if batch.scores is None:
-                raise CorpusError("toxicity: every text needs a score")
-            acc.add(probs, batch.scores[keep])
-        return acc.result(model_id=model.identity, corpus_fingerprint=fingerprint)

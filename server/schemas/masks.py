@@ -97,7 +97,8 @@ class BuildRequest(Strict):
                                     description="composite: profile names or name@version.")
     score_field: str = Field("toxicity", max_length=128, description="toxicity, corpus file: "
                              "the field with each text's score (inline records: 'score').")
-    max_length: int = Field(512, ge=2, le=8192)
+    max_length: int = Field(512, ge=2, le=8192, description="tokens per routed window "
+                            "(the learned criterion optimises on 256-token windows)")
     evaluate: bool = Field(False, description="Also measure per-label loss with the mask.")
 
     @model_validator(mode="after")

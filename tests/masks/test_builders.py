@@ -22,7 +22,7 @@ from masks.builders import (
     specificity_profile,
     toxicity_profile,
 )
-from masks.corpus import Record, batches, corpus_fingerprint, read_corpus
+from masks.corpus import Record, batches, corpus_fingerprint, read_corpus, records_fingerprint
 from masks.criteria import correlated_experts, pearson_from_sums, specific_experts
 from masks.evaluate import coverage_sweep, evaluate_profile, plot_report
 from masks.schema import MaskError, ModelMismatch
@@ -100,6 +100,27 @@ def test_label_statistics_match_naive(tiny_model, corpus_file):
         for r, layer in enumerate(stats.routing_layers):
             np.testing.assert_allclose(stats.mass[n, r], naive[label][layer].numpy(),
                                        rtol=1e-5, atol=1e-6)
+
+
+def test_inline_records_are_read_lazily_under_the_callers_fingerprint(tiny_model):
+    records = texts()
+    consumed = []
+
+    def stream():
+        for r in records:
+            consumed.append(r)
+            yield r
+
+    eager = collect_label_statistics(tiny_model, records, batch_tokens=128, progress=False)
+    assert eager.corpus_fingerprint == records_fingerprint(records)
+    lazy = stream()
+    stats = collect_label_statistics(tiny_model, lazy, batch_tokens=128, fingerprint="sha256:x",
+                                     progress=False)
+    assert stats.corpus_fingerprint == "sha256:x" and consumed == records
+    assert stats.labels == eager.labels and np.allclose(stats.mass, eager.mass)
+    with pytest.raises(ValueError, match="label every text"):
+        collect_label_statistics(tiny_model, [Record("abc", None)], fingerprint="sha256:x",
+                                 progress=False)
 
 
 def test_domain_profile_follows_the_criterion(tiny_model, corpus_file):
