@@ -414,10 +414,13 @@ def learned_profile(
     composite expert and layer, starting at 1. Adam (projected onto [0, 1]) minimises, over
     `steps` batches of `texts_per_label` windows of each label (twice that of the target),
 
-        -min(d_target, cap) + collateral * mean_other max(d_label, 0) + sparsity * mean(1 - M)
+        -min(d_target, cap) + collateral * max(mean_other d_label, 0) + sparsity * mean(1 - M)
 
     where d_label is the label's mean loss increase per token over the unmasked model on the
-    batch: hurt the target (up to `cap` nats), no other label, with few experts. The experts
+    batch: hurt the target (up to `cap` nats), not the others on average, with few experts.
+    The penalty is on the mean: a penalty per label, max(d_label, 0), turns each label's batch
+    noise into a push to make it gain, bought with the target (on the shipped model,
+    JavaScript's mask fell from 0.14 to 0.09 nats on valid texts with it). The experts
     whose gate ends below 1/2 are removed. First-order criteria (attribution) predict the
     effect of each removal alone; this one sees the removals together. Costs `steps` forward
     and backward passes with [T, E, E] weights per layer, plus a forward each for the base;
@@ -470,8 +473,8 @@ def learned_profile(
                 base = label_losses(batch, [ones] * L)
             masked = label_losses(batch, [keep[l : l + 1] for l in range(L)])
             delta = {label: masked[label] - base[label] for label in labels}
-            harm = torch.stack([delta[label].clamp(min=0) for label in labels if label != target])
-            objective = (-delta[target].clamp(max=cap) + collateral * harm.mean()
+            others = torch.stack([delta[label] for label in labels if label != target]).mean()
+            objective = (-delta[target].clamp(max=cap) + collateral * others.clamp(min=0)
                          + sparsity * (1 - keep).mean())
             optimiser.zero_grad()
             objective.backward()
@@ -479,7 +482,7 @@ def learned_profile(
             with torch.no_grad():
                 keep.clamp_(0, 1)
             bar.set_postfix(target=f"{delta[target].item():+.3f}",
-                            others=f"{harm.mean().item():.3f}",
+                            others=f"{others.item():+.3f}",
                             removed=int((keep < 0.5).sum()))
             if on_step is not None:
                 on_step(step + 1, steps)
