@@ -7,7 +7,8 @@ For each language L, candidate "no-L" profiles come from three criteria:
   attribution: experts whose removal raises L's loss (first order) at least `factor` times
     more than any other language's, taking the most specific until they carry `coverage` of
     L's total increase, over a grid of factors and coverages (identical masks count once);
-  learned: keep-gates optimised against the goal itself (raise L's loss, no other's).
+  learned: keep-gates optimised against the goal itself (raise L's loss, not the others'
+    on average).
 The candidate with the best margin on the valid split (against the target: a loss increase of
 at least 0.1 nats/byte and 5x the mean increase on the others) is reported on the test split,
 next to the paper's criterion. A coverage sweep of the paper's criterion shows the trade-off.
