@@ -18,6 +18,10 @@ from monet_runtime import load_model
 from training.corpus import build_corpus
 from training.languages import PAPER, language_masks
 
+# the module fixture builds every mask in the first test's setup: 10 to 14 minutes on 2 cores,
+# close to the suite's 15-minute limit per test
+pytestmark = pytest.mark.timeout(1800)
+
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "monet_runtime" / "default_model"
 LANGUAGES = ["c", "english", "javascript", "perl", "python"]
 
