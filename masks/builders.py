@@ -85,6 +85,13 @@ def _tokenizer(model):
     return model.tokenizer
 
 
+def _target_index(labels: Sequence[str], target: str) -> int:
+    if target not in labels:
+        raise ValueError(f"target: label {target!r} is not in the corpus "
+                         f"(labels: {', '.join(labels)})")
+    return list(labels).index(target)
+
+
 def _check_labelled(labels: Iterable[str | None], label_field: str) -> None:
     if any(label is None for label in labels):
         raise CorpusError(f"a text has no '{label_field}': label every text")
@@ -314,7 +321,7 @@ def specificity_profile(
     if stats.quantity != "routing":
         raise ValueError(f"specificity_profile needs routing statistics, got {stats.quantity} "
                          "statistics (use attribution_profile)")
-    t = stats.label_index(target)
+    t = _target_index(stats.labels, target)
     E, H = stats.num_experts, stats.num_heads
     uniform = H / E**2
     absolute_floor = max(floor * uniform, min_mass / max(int(stats.tokens[t]), 1))
@@ -362,7 +369,7 @@ def attribution_profile(
     if stats.quantity != "attribution":
         raise ValueError("attribution_profile needs collect_attribution_statistics' output, "
                          f"got {stats.quantity} statistics")
-    t = stats.label_index(target)
+    t = _target_index(stats.labels, target)
     E, K = stats.num_experts, len(stats.labels)
     increase = np.clip(stats.mean(), 0.0, None)  # [labels, L, E, E]
     selected = np.stack([
@@ -438,9 +445,7 @@ def learned_profile(
         _check_labelled([window.label], label_field)
         by_label.setdefault(window.label, []).append(window)
     labels = sorted(by_label)
-    if target not in by_label:
-        raise ValueError(f"target: label {target!r} is not in the corpus "
-                         f"(labels: {', '.join(labels)})")
+    _target_index(labels, target)
     if len(labels) < 2:
         raise CorpusError("a learned mask needs texts of at least one label besides the target")
     model, gates = _gated_copy(model)

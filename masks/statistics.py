@@ -180,13 +180,6 @@ class LabelStatistics:
         """Mean per token: float64 [labels, R, E, E]."""
         return self.mass / np.maximum(self.tokens, 1)[:, None, None, None]
 
-    def label_index(self, label: str) -> int:
-        try:
-            return self.labels.index(label)
-        except ValueError:
-            raise KeyError(f"label '{label}' is not in the corpus ({', '.join(self.labels)})") \
-                from None
-
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         meta = {k: getattr(self, k) for k in ("labels", "routing_layers", "num_layers",

@@ -65,14 +65,12 @@ class RuntimeProfileBuilder:
                 on_step=lambda n, steps: progress(share * n / steps, f"step {n}/{steps}"))
         elif spec.criterion == "attribution":
             stats = builders.collect_attribution_statistics(model, counted, **route)
-            self._check_target(spec, stats)
             profile = builders.attribution_profile(
                 stats, spec.target, name=name, kind=spec.kind, factor=spec.factor,
                 coverage=spec.coverage, layers=spec.layers, description=spec.description,
                 created_by=created_by)
         else:
             stats = builders.collect_label_statistics(model, counted, **route)
-            self._check_target(spec, stats)
             profile = builders.specificity_profile(
                 stats, spec.target, name=name, kind=spec.kind, factor=spec.factor,
                 floor=spec.floor, min_mass=spec.min_mass, coverage=spec.coverage,
@@ -95,9 +93,3 @@ class RuntimeProfileBuilder:
                     corpus_fingerprint(corpus))
         records = [Record(r.text, r.label, r.score) for r in spec.records]
         return records, records_fingerprint(records)
-
-    @staticmethod
-    def _check_target(spec, stats) -> None:
-        if spec.target not in stats.labels:
-            raise ValueError(f"target: label {spec.target!r} is not in the corpus "
-                             f"(labels: {', '.join(stats.labels)})")

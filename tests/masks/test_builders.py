@@ -148,6 +148,8 @@ def test_domain_profile_follows_the_criterion(tiny_model, corpus_file):
     small = specificity_profile(stats, "xyz", name="c1", factor=None, coverage=0.1)
     large = specificity_profile(stats, "xyz", name="c5", factor=None, coverage=0.5)
     assert small.experts - large.experts == ExpertMask() and small.size < large.size
+    with pytest.raises(ValueError, match="target: label 'rust' is not in the corpus"):
+        specificity_profile(stats, "rust", name="r")
 
 
 def test_toxicity_statistics_and_profile(tiny_model, corpus_file):
