@@ -37,7 +37,7 @@ def random_mask(config, density: float, seed: int = 0) -> ExpertMask:
 
 def naive_moe_forward(moe, keep_EE: torch.Tensor, chunk: int = 32):
     """Dense per-token G [t, E, E] with the masked entries zeroed, contracted chunk by chunk."""
-    def forward(y_TD, g1, g2, mask=None):
+    def forward(y_TD, g1, g2, mask=None, pairs_cache=None):
         outs = []
         for s in range(0, y_TD.shape[0], chunk):
             y, a1, a2 = y_TD[s:s + chunk], g1[s:s + chunk], g2[s:s + chunk]

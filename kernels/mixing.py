@@ -36,7 +36,9 @@ __all__ = [
     "mix_hd",
     "mix_vd_reference",
     "mix_hd_reference",
+    "ActivePairs",
     "MaskedPairs",
+    "active_pairs",
     "masked_active_pairs",
 ]
 
@@ -68,6 +70,51 @@ def _mix_through(x_TEM: torch.Tensor, g_src_THE: torch.Tensor, g_dst_THE: torch.
     return torch.bmm(g_dst_THE.transpose(1, 2), per_head_THM)
 
 
+class ActivePairs(NamedTuple):
+    """Per token and head, the experts each side routes to (g > 0), left-aligned and padded
+    with weight 0 to the most any head keeps (K1, K2), and where each candidate pair (i, j)
+    sits in a mask table row. It depends on the routing only, so every layer of a routing
+    group shares it: a model computes it once per routing layer, not once per layer."""
+
+    g1_THK: torch.Tensor  # [T, H, K1] weights, float32 or better; 0 pads
+    i_THK: torch.Tensor  # [T, H, K1] side-1 experts
+    g2_THK: torch.Tensor  # [T, H, K2]
+    j_THK: torch.Tensor  # [T, H, K2]
+    word_THKK: torch.Tensor  # [T, H, K1, K2] int32: word of composite n = i*E + j (n // 32)
+    bit_THKK: torch.Tensor  # [T, H, K1, K2] int32: its bit (n % 32)
+    live_THKK: torch.Tensor  # [T, H, K1, K2] bool: both weights > 0 (not padding)
+
+
+def _routed_experts(g_THE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, experts) [T, H, K]: the g > 0 entries of each (t, h) row, in expert order."""
+    T, H, _ = g_THE.shape
+    t, h, e = (g_THE > 0).nonzero(as_tuple=True)  # row-major: grouped by (t, h)
+    row = t * H + h
+    counts = torch.bincount(row, minlength=T * H)
+    K = max(int(counts.max()), 1) if counts.numel() else 1
+    slot = torch.arange(row.numel(), device=g_THE.device) - (counts.cumsum(0) - counts)[row]
+    experts = torch.zeros(T * H, K, dtype=torch.long, device=g_THE.device)
+    weights = g_THE.new_zeros(T * H, K)
+    experts[row, slot] = e
+    weights[row, slot] = g_THE[t, h, e]
+    return weights.view(T, H, K), experts.view(T, H, K)
+
+
+def active_pairs(g1_THE: torch.Tensor, g2_THE: torch.Tensor, dtype: torch.dtype) -> ActivePairs:
+    """The active pairs of a routing for activations of `dtype`: g is rounded to that dtype
+    first, as the factorised path does, so that a fully masked expert cancels exactly; the pair
+    weights are kept in float32 or better. Each head routes to about k experts per side, so
+    the candidates are about H k^2 per token."""
+    wdtype = torch.promote_types(dtype, torch.float32)
+    g1_THK, i_THK = _routed_experts(g1_THE.to(dtype).to(wdtype))
+    g2_THK, j_THK = _routed_experts(g2_THE.to(dtype).to(wdtype))
+    E = g1_THE.shape[-1]
+    # int32 index arithmetic: E*E stays far below 2^31
+    n = (i_THK.int() * E)[..., :, None] + j_THK.int()[..., None, :]
+    live = (g1_THK > 0)[..., :, None] & (g2_THK > 0)[..., None, :]
+    return ActivePairs(g1_THK, i_THK, g2_THK, j_THK, n >> 5, n & 31, live)
+
+
 class MaskedPairs(NamedTuple):
     """The masked active pairs of a batch, one entry per (token, head, pair)."""
 
@@ -78,31 +125,19 @@ class MaskedPairs(NamedTuple):
 
 
 def masked_active_pairs(
-    g1_THE: torch.Tensor,
-    g2_THE: torch.Tensor,
-    mask_table_PW: torch.Tensor,
-    profile_T: torch.Tensor,
+    active: ActivePairs, mask_table_PW: torch.Tensor, profile_T: torch.Tensor
 ) -> MaskedPairs:
-    """Per token and head, the pairs (i, j) with g1[h, i] > 0, g2[h, j] > 0 that the token's
-    profile masks, with their weight g1[h, i] g2[h, j]. Summed over heads, the weights of a
-    pair are its g_ij. Each head routes to about k experts per side, so the candidates are
-    about H k^2 per token, looked up in the bitset; only the masked ones are kept."""
-    T, H, E = g1_THE.shape
-    K1 = max(int((g1_THE > 0).sum(-1).max()), 1) if T else 1
-    K2 = max(int((g2_THE > 0).sum(-1).max()), 1) if T else 1
-    g1_THK, I_THK = g1_THE.topk(K1, dim=-1)
-    g2_THK, J_THK = g2_THE.topk(K2, dim=-1)
-    # composite n = i*E + j is bit n % 32 of word n // 32 of the profile's row (int32 index
-    # arithmetic: E*E and P*W stay far below 2^31; no [T, W] copy of the rows)
+    """The active pairs that each token's profile masks, with their weight g1[h, i] g2[h, j]
+    (summed over heads, the weights of a pair are its g_ij): one bitset lookup per candidate
+    in the profile's row (no [T, W] copy of the rows; P*W stays far below 2^31)."""
     W = mask_table_PW.shape[1]
-    n = (I_THK.int() * E)[..., :, None] + J_THK.int()[..., None, :]  # [T, H, K1, K2]
-    word_index = (profile_T.clamp_min(0).int() * W)[:, None, None, None] + (n >> 5)
-    masked = ((mask_table_PW.reshape(-1)[word_index] >> (n & 31)) & 1).bool()
-    masked &= (profile_T >= 0)[:, None, None, None]
-    masked &= (g1_THK > 0)[..., :, None] & (g2_THK > 0)[..., None, :]  # topk padding
+    row_T = profile_T.clamp_min(0).int() * W
+    words = mask_table_PW.reshape(-1)[row_T[:, None, None, None] + active.word_THKK]
+    masked = ((words >> active.bit_THKK) & 1).bool()
+    masked &= active.live_THKK & (profile_T >= 0)[:, None, None, None]
     t, h, a, b = masked.nonzero(as_tuple=True)
-    weight = g1_THK[t, h, a] * g2_THK[t, h, b]
-    return MaskedPairs(t, I_THK[t, h, a], J_THK[t, h, b], weight)
+    weight = active.g1_THK[t, h, a] * active.g2_THK[t, h, b]
+    return MaskedPairs(t, active.i_THK[t, h, a], active.j_THK[t, h, b], weight)
 
 
 def _remove_pairs(out_TEM, pairs: MaskedPairs, src_TEM, *, into_side2: bool):
@@ -121,6 +156,14 @@ def _remove_weights(c_TE, pairs: MaskedPairs, *, side2: bool):
     c_TE.view(T * E).index_add_(0, idx, (-pairs.weight).to(c_TE.dtype))
 
 
+def _shared_active_pairs(g1_THE, g2_THE, dtype, pairs_cache: dict | None) -> ActivePairs:
+    if pairs_cache is None:
+        return active_pairs(g1_THE, g2_THE, dtype)
+    if dtype not in pairs_cache:
+        pairs_cache[dtype] = active_pairs(g1_THE, g2_THE, dtype)
+    return pairs_cache[dtype]
+
+
 def _any_profile(profile_T: torch.Tensor | None, T: int) -> bool:
     if profile_T is None:
         return False
@@ -136,10 +179,13 @@ def mix_vd_reference(
     g2_THE: torch.Tensor,
     mask_table_PW: torch.Tensor | None = None,
     profile_T: torch.Tensor | None = None,
+    pairs_cache: dict | None = None,
 ) -> MixVD:
     """Plain-torch VD mixing. a, b: [T, E, M] activations; g1, g2: [T, H, E] router weights.
 
     All outputs take a's dtype; g is cast to it first, as in the authors' release.
+    pairs_cache: a dict the caller keeps per routing (g1, g2); the active pairs of a masked
+    batch are kept there, so the layers of a routing group compute them once.
     """
     T, E, M = a_TEM.shape
     g1 = g1_THE.to(a_TEM.dtype)
@@ -149,11 +195,8 @@ def mix_vd_reference(
     x12_TEM = _mix_through(b_TEM, g2, g1)
     x21_TEM = _mix_through(a_TEM, g1, g2)
     if _any_profile(profile_T, T):
-        # every token goes through the pair correction: W is zero for tokens without a profile
-        wdtype = torch.promote_types(g1.dtype, torch.float32)  # pair weights: >= float32
-        # the g of the factorised path (rounded to the activations' dtype), so that a fully
-        # masked expert cancels exactly
-        pairs = masked_active_pairs(g1.to(wdtype), g2.to(wdtype), mask_table_PW, profile_T)
+        active = _shared_active_pairs(g1_THE, g2_THE, a_TEM.dtype, pairs_cache)
+        pairs = masked_active_pairs(active, mask_table_PW, profile_T)
         _remove_weights(c1_TE, pairs, side2=False)
         _remove_weights(c2_TE, pairs, side2=True)
         _remove_pairs(x12_TEM, pairs, b_TEM, into_side2=False)
@@ -176,18 +219,18 @@ def mix_hd_reference(
     g2_THE: torch.Tensor,
     mask_table_PW: torch.Tensor | None = None,
     profile_T: torch.Tensor | None = None,
+    pairs_cache: dict | None = None,
 ) -> MixHD:
-    """Plain-torch HD mixing. x: [T, E, M] activations relu2(u y); g1, g2: [T, H, E]."""
+    """Plain-torch HD mixing. x: [T, E, M] activations relu2(u y); g1, g2: [T, H, E];
+    pairs_cache as mix_vd_reference."""
     T, E, M = x_TEM.shape
     g1 = g1_THE.to(x_TEM.dtype)
     g2 = g2_THE.to(x_TEM.dtype)
     c2_TE = g2.sum(1)
     out_TEM = _mix_through(x_TEM, g1, g2)
     if _any_profile(profile_T, T):
-        wdtype = torch.promote_types(g1.dtype, torch.float32)  # pair weights: >= float32
-        # the g of the factorised path (rounded to the activations' dtype), so that a fully
-        # masked expert cancels exactly
-        pairs = masked_active_pairs(g1.to(wdtype), g2.to(wdtype), mask_table_PW, profile_T)
+        active = _shared_active_pairs(g1_THE, g2_THE, x_TEM.dtype, pairs_cache)
+        pairs = masked_active_pairs(active, mask_table_PW, profile_T)
         _remove_weights(c2_TE, pairs, side2=True)
         _remove_pairs(out_TEM, pairs, x_TEM, into_side2=True)
     return MixHD(out_TEM.reshape(T, E * M), c2_TE)
@@ -238,12 +281,14 @@ def _use_triton(x: torch.Tensor, impl: str | None) -> bool:
 
 
 def mix_vd(
-    a_TEM, b_TEM, g1_THE, g2_THE, mask_table_PW=None, profile_T=None, *, impl=None
+    a_TEM, b_TEM, g1_THE, g2_THE, mask_table_PW=None, profile_T=None, *, impl=None,
+    pairs_cache=None,
 ) -> MixVD:
     """VD mixing launcher: Triton on CUDA, the reference elsewhere. Shapes as mix_vd_reference.
 
     impl: None picks, "triton" forces the Triton kernels (on CPU they need TRITON_INTERPRET=1),
-    "reference" forces the plain-torch path.
+    "reference" forces the plain-torch path. pairs_cache: see mix_vd_reference (the Triton
+    kernels find the pairs in-kernel and do not use it).
     """
     _check_mix_inputs(a_TEM, g1_THE, g2_THE, mask_table_PW, profile_T)
     if a_TEM.shape != b_TEM.shape or a_TEM.dtype != b_TEM.dtype:
@@ -254,14 +299,17 @@ def mix_vd(
         from kernels.mixing_triton import mix_vd_triton
 
         return mix_vd_triton(a_TEM, b_TEM, g1_THE, g2_THE, mask_table_PW, profile_T)
-    return mix_vd_reference(a_TEM, b_TEM, g1_THE, g2_THE, mask_table_PW, profile_T)
+    return mix_vd_reference(a_TEM, b_TEM, g1_THE, g2_THE, mask_table_PW, profile_T, pairs_cache)
 
 
-def mix_hd(x_TEM, g1_THE, g2_THE, mask_table_PW=None, profile_T=None, *, impl=None) -> MixHD:
-    """HD mixing launcher: Triton on CUDA, the reference elsewhere. Shapes as mix_hd_reference."""
+def mix_hd(
+    x_TEM, g1_THE, g2_THE, mask_table_PW=None, profile_T=None, *, impl=None, pairs_cache=None
+) -> MixHD:
+    """HD mixing launcher: Triton on CUDA, the reference elsewhere. Shapes and pairs_cache as
+    mix_vd."""
     _check_mix_inputs(x_TEM, g1_THE, g2_THE, mask_table_PW, profile_T)
     if _use_triton(x_TEM, impl):
         from kernels.mixing_triton import mix_hd_triton
 
         return mix_hd_triton(x_TEM, g1_THE, g2_THE, mask_table_PW, profile_T)
-    return mix_hd_reference(x_TEM, g1_THE, g2_THE, mask_table_PW, profile_T)
+    return mix_hd_reference(x_TEM, g1_THE, g2_THE, mask_table_PW, profile_T, pairs_cache)

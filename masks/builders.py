@@ -254,7 +254,7 @@ def _gated_copy(model) -> tuple[Any, dict[int, torch.Tensor]]:
     def dense_experts(layer: int):
         moe = model.model.layers[layer].moe
 
-        def forward(y_TD, g1, g2, mask=None):
+        def forward(y_TD, g1, g2, mask=None, pairs_cache=None):
             M = gates[layer]
             G = torch.einsum("the,thf->tef", g1, g2).view(M.shape[0], -1, E, E) * M[:, None]
             return moe.forward_dense(y_TD, G.view(-1, E, E))

@@ -217,11 +217,12 @@ class VerticalExperts(nn.Module):
         self.b1 = nn.Parameter(torch.zeros(E, D // 2))
         self.b2 = nn.Parameter(torch.zeros(E, D // 2))
 
-    def forward(self, y_TD, g1_THE, g2_THE, mask=None) -> torch.Tensor:
+    def forward(self, y_TD, g1_THE, g2_THE, mask=None, pairs_cache=None) -> torch.Tensor:
         T = y_TD.shape[0]
         a_TEM = relu2(self.u1(y_TD)).view(T, self.E, self.M)
         b_TEM = relu2(self.u2(y_TD)).view(T, self.E, self.M)
-        mix = kernels.mix_vd(a_TEM, b_TEM, g1_THE, g2_THE, *(mask or (None, None)))
+        mix = kernels.mix_vd(a_TEM, b_TEM, g1_THE, g2_THE, *(mask or (None, None)),
+                             pairs_cache=pairs_cache)
         first = self.v11(mix.x11) + self.v12(mix.x12) + mix.c1 @ self.b1
         second = self.v21(mix.x21) + self.v22(mix.x22) + mix.c2 @ self.b2
         return torch.cat((first, second), dim=-1)
@@ -254,10 +255,11 @@ class HorizontalExperts(nn.Module):
         self.v = nn.Linear(E * M, D, bias=False)
         self.b = nn.Parameter(torch.zeros(E, D))
 
-    def forward(self, y_TD, g1_THE, g2_THE, mask=None) -> torch.Tensor:
+    def forward(self, y_TD, g1_THE, g2_THE, mask=None, pairs_cache=None) -> torch.Tensor:
         T = y_TD.shape[0]
         x_TEM = relu2(self.u(y_TD)).view(T, self.E, self.M)
-        mix = kernels.mix_hd(x_TEM, g1_THE, g2_THE, *(mask or (None, None)))
+        mix = kernels.mix_hd(x_TEM, g1_THE, g2_THE, *(mask or (None, None)),
+                             pairs_cache=pairs_cache)
         return self.v(mix.x) + mix.c2 @ self.b
 
     def forward_dense(self, y_TD, weights_TEE) -> torch.Tensor:
@@ -280,16 +282,18 @@ class DecoderLayer(nn.Module):
         self.router = Router(config) if config.is_routing_layer(layer) else None
 
     def forward(self, x_BTD, cos, sin, attn_mask, cache, routing, masks: MaskBatch | None):
-        """routing: (g1, g2) of the most recent routing layer, or None at a routing layer."""
+        """routing: (g1, g2, pairs cache) of the most recent routing layer, or None at a
+        routing layer; the cache (kernels.mix_vd) lets the group's layers share the masked
+        path's active pairs."""
         B, T, D = x_BTD.shape
         h = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, attn_mask, cache,
                                    self.layer)
         y_TD = self.post_attention_layernorm(h).view(B * T, D)
         if self.router is not None:
-            routing = self.router(y_TD)
-        g1, g2 = routing
+            routing = (*self.router(y_TD), {})
+        g1, g2, pairs_cache = routing
         mask = masks.tokens(self.layer, T) if masks is not None else None
-        out = h + self.moe(y_TD, g1, g2, mask).view(B, T, D)
+        out = h + self.moe(y_TD, g1, g2, mask, pairs_cache).view(B, T, D)
         return out, routing
 
 
@@ -363,7 +367,7 @@ class MonetForCausalLM(nn.Module):
             x, routing = layer(x, cos, sin, attn_BTS, cache, routing, masks)
             if output_router_probs and layer.router is not None:
                 H, E = self.config.moe_heads, self.config.moe_experts
-                router_probs[layer.layer] = tuple(g.view(B, T, H, E) for g in routing)
+                router_probs[layer.layer] = tuple(g.view(B, T, H, E) for g in routing[:2])
         if cache is not None:
             cache.length = S
         hidden = self.model.norm(x)

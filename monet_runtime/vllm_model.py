@@ -159,9 +159,9 @@ class MonetDecoderLayer(nn.Module):
     def forward(self, positions_T, x_TD, routing, mask):
         h_TD = x_TD + self.self_attn(positions_T, self.input_layernorm(x_TD))
         y_TD = self.post_attention_layernorm(h_TD)
-        if self.router is not None:
-            routing = self.router(y_TD)  # g1, g2 [T, H, E] float32
-        return h_TD + self.moe(y_TD, *routing, mask), routing
+        if self.router is not None:  # g1, g2 [T, H, E] float32 and the group's pairs cache
+            routing = (*self.router(y_TD), {})
+        return h_TD + self.moe(y_TD, *routing[:2], mask, routing[2]), routing
 
 
 class MonetModel(nn.Module):
@@ -229,7 +229,7 @@ class MonetForCausalLM(nn.Module):
             mask = (slots.tables_LPW[layer.layer], profile_T) if masked else None
             x_TD, routing = layer(positions, x_TD, routing, mask)
             if capture and layer.router is not None:
-                slots.record_routing(layer.layer, *routing, qsl)
+                slots.record_routing(layer.layer, *routing[:2], qsl)
         return self.model.norm(x_TD)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:

@@ -308,3 +308,25 @@ def test_triton_launchers_never_sync(monkeypatch):
     for out in (vd, hd, plain):
         assert all(t.device.type == "meta" and t.dtype == torch.bfloat16 for t in out)
     assert vd.x11.shape == (T, E * M) and vd.c2.shape == (T, E) and hd.x.shape == (T, E * M)
+
+
+def test_layers_of_a_routing_group_share_active_pairs():
+    """One routing, two layers with different mask tables, one pairs cache: each layer's output
+    is its own naive masked mixing, and the routing's active pairs are found once."""
+    T, H, E, M = 9, 3, 24, 4
+    d = make_inputs(T, H, E, M, torch.float64, seed=31)
+    d["g1"][0, 1] = 1.0 / E  # a head that keeps every expert: the pairs pad to K = E
+    tables = (d["table"], mask_table(E, seed=77))
+    cache: dict = {}
+    for table in tables:
+        args = (d["g1"], d["g2"], table, d["profile"])
+        vd = kernels.mix_vd(d["a"], d["b"], *args, impl="reference", pairs_cache=cache)
+        assert_mix_close(vd, naive_mix_vd(d["a"], d["b"], *args), dtype=torch.float64,
+                         scale=scale_of(H, d["a"], d["b"]))
+        alone = kernels.mix_vd(d["a"], d["b"], *args, impl="reference")
+        assert all(torch.equal(x, y) for x, y in zip(vd, alone))
+        hd = kernels.mix_hd(d["b"], *args, impl="reference", pairs_cache=cache)
+        assert_mix_close(hd, naive_mix_hd(d["b"], *args), dtype=torch.float64,
+                         scale=scale_of(H, d["b"]))
+    assert list(cache) == [torch.float64]
+    assert cache[torch.float64].i_THK.shape == (T, H, E)

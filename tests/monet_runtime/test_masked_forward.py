@@ -77,7 +77,7 @@ def test_masked_forward_matches_naive_dense(case, monkeypatch):
     unmasked = model(ids).logits
 
     def patched(moe, layer):
-        def forward(y_TD, g1, g2, mask=None):
+        def forward(y_TD, g1, g2, mask=None, pairs_cache=None):
             keep = torch.stack([dense_keep(m, layer, config.moe_experts)
                                 for m in row_masks]).repeat_interleave(T, dim=0)
             return naive_experts(moe, layer, y_TD, g1, g2, keep)
@@ -104,7 +104,7 @@ def test_empty_and_full_masks():
     # with every expert removed the MoE adds nothing: compare with zeroed experts
     out = model(ids, mask=full).logits
     for layer in model.model.layers:
-        layer.moe.forward = lambda y, g1, g2, mask=None: torch.zeros_like(y)
+        layer.moe.forward = lambda y, g1, g2, mask=None, pairs_cache=None: torch.zeros_like(y)
     assert (out - model(ids).logits).abs().max() < 1e-9
 
 
