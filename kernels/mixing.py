@@ -18,7 +18,7 @@ Mask tables are bitsets: int32 [P, W], W = ceil(E*E / 32); composite expert n = 
 n % 32 of word n // 32. profile_T[t] in [0, P) selects a row, -1 means "no mask".
 
 Legend: T tokens, H routing heads, E experts per side, M expert width (m/2 for VD, m for HD),
-P mask profiles, K1 / K2 experts a head routes one token to on side 1 / 2.
+P mask profiles, N active pairs of a batch (over tokens and heads).
 """
 
 from __future__ import annotations
@@ -71,89 +71,78 @@ def _mix_through(x_TEM: torch.Tensor, g_src_THE: torch.Tensor, g_dst_THE: torch.
 
 
 class ActivePairs(NamedTuple):
-    """Per token and head, the experts each side routes to (g > 0), left-aligned and padded
-    with weight 0 to the most any head keeps (K1, K2), and where each candidate pair (i, j)
-    sits in a mask table row. It depends on the routing only, so every layer of a routing
+    """Every active pair of a routing, as flat lists: (t, i, j) for each head h with
+    g1[t,h,i] > 0 and g2[t,h,j] > 0 (about H k^2 per token, no padding), its weight and where
+    it sits in a mask table row. It depends on the routing only, so every layer of a routing
     group shares it: a model computes it once per routing layer, not once per layer."""
 
-    g1_THK: torch.Tensor  # [T, H, K1] weights, float32 or better; 0 pads
-    i_THK: torch.Tensor  # [T, H, K1] side-1 experts
-    g2_THK: torch.Tensor  # [T, H, K2]
-    j_THK: torch.Tensor  # [T, H, K2]
-    word_THKK: torch.Tensor  # [T, H, K1, K2] int32: word of composite n = i*E + j (n // 32)
-    bit_THKK: torch.Tensor  # [T, H, K1, K2] int32: its bit (n % 32)
-    live_THKK: torch.Tensor  # [T, H, K1, K2] bool: both weights > 0 (not padding)
-
-
-def _routed_experts(g_THE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights, experts) [T, H, K]: the g > 0 entries of each (t, h) row, in expert order."""
-    T, H, _ = g_THE.shape
-    t, h, e = (g_THE > 0).nonzero(as_tuple=True)  # row-major: grouped by (t, h)
-    row = t * H + h
-    counts = torch.bincount(row, minlength=T * H)
-    K = max(int(counts.max()), 1) if counts.numel() else 1
-    slot = torch.arange(row.numel(), device=g_THE.device) - (counts.cumsum(0) - counts)[row]
-    experts = torch.zeros(T * H, K, dtype=torch.long, device=g_THE.device)
-    weights = g_THE.new_zeros(T * H, K)
-    experts[row, slot] = e
-    weights[row, slot] = g_THE[t, h, e]
-    return weights.view(T, H, K), experts.view(T, H, K)
+    token: torch.Tensor  # [N] int64
+    ti: torch.Tensor  # [N] t*E + i: the row of side-1 expert i in a [T*E, ...] view
+    tj: torch.Tensor  # [N] t*E + j
+    weight: torch.Tensor  # [N] g1[t,h,i] g2[t,h,j], float32 or better
+    word: torch.Tensor  # [N] word of composite n = i*E + j in a table row (n // 32)
+    bit: torch.Tensor  # [N] its bit (n % 32)
 
 
 def active_pairs(g1_THE: torch.Tensor, g2_THE: torch.Tensor, dtype: torch.dtype) -> ActivePairs:
     """The active pairs of a routing for activations of `dtype`: g is rounded to that dtype
     first, as the factorised path does, so that a fully masked expert cancels exactly; the pair
-    weights are kept in float32 or better. Each head routes to about k experts per side, so
-    the candidates are about H k^2 per token."""
+    weights are kept in float32 or better."""
     wdtype = torch.promote_types(dtype, torch.float32)
-    g1_THK, i_THK = _routed_experts(g1_THE.to(dtype).to(wdtype))
-    g2_THK, j_THK = _routed_experts(g2_THE.to(dtype).to(wdtype))
-    E = g1_THE.shape[-1]
-    # int32 index arithmetic: E*E stays far below 2^31
-    n = (i_THK.int() * E)[..., :, None] + j_THK.int()[..., None, :]
-    live = (g1_THK > 0)[..., :, None] & (g2_THK > 0)[..., None, :]
-    return ActivePairs(g1_THK, i_THK, g2_THK, j_THK, n >> 5, n & 31, live)
+    g1 = g1_THE.to(dtype).to(wdtype)
+    g2 = g2_THE.to(dtype).to(wdtype)
+    T, H, E = g1.shape
+    # the g > 0 entries of each side, flat indices into [T*H*E]: grouped by row t*H + h
+    flat1 = (g1.view(-1) > 0).nonzero().squeeze(1)
+    flat2 = (g2.view(-1) > 0).nonzero().squeeze(1)
+    row1, row2 = flat1 // E, flat2 // E
+    n2_R = torch.bincount(row2, minlength=T * H)  # side-2 experts per (t, h) row
+    per1 = n2_R[row1]  # pairs of each side-1 entry: every side-2 expert of its row
+    a = torch.repeat_interleave(per1)  # the side-1 entry of each pair
+    first = per1.cumsum(0) - per1  # the first pair of each side-1 entry
+    b = (n2_R.cumsum(0) - n2_R)[row1[a]] + torch.arange(a.numel(), device=g1.device) - first[a]
+    f1, f2 = flat1[a], flat2[b]
+    t, i, j = f1 // (H * E), f1 % E, f2 % E
+    n = i * E + j
+    weight = g1.view(-1)[f1] * g2.view(-1)[f2]
+    return ActivePairs(t, t * E + i, t * E + j, weight, n >> 5, (n & 31).int())
 
 
 class MaskedPairs(NamedTuple):
     """The masked active pairs of a batch, one entry per (token, head, pair)."""
 
-    token: torch.Tensor  # [N] int64
-    i: torch.Tensor  # [N] side-1 expert
-    j: torch.Tensor  # [N] side-2 expert
-    weight: torch.Tensor  # [N] g1[h, i] g2[h, j], float32 or better
+    ti: torch.Tensor  # [N] int64: t*E + i
+    tj: torch.Tensor  # [N] t*E + j
+    neg_weight: torch.Tensor  # [N] -g1[h, i] g2[h, j], float32 or better
 
 
 def masked_active_pairs(
     active: ActivePairs, mask_table_PW: torch.Tensor, profile_T: torch.Tensor
 ) -> MaskedPairs:
-    """The active pairs that each token's profile masks, with their weight g1[h, i] g2[h, j]
-    (summed over heads, the weights of a pair are its g_ij): one bitset lookup per candidate
-    in the profile's row (no [T, W] copy of the rows; P*W stays far below 2^31)."""
+    """The active pairs that each token's profile masks, with their weight negated (summed
+    over heads, the weights of a pair are its g_ij): one bitset lookup per active pair in its
+    token's profile row (no [T, W] copy of the rows)."""
     W = mask_table_PW.shape[1]
-    row_T = profile_T.clamp_min(0).int() * W
-    words = mask_table_PW.reshape(-1)[row_T[:, None, None, None] + active.word_THKK]
-    masked = ((words >> active.bit_THKK) & 1).bool()
-    masked &= active.live_THKK & (profile_T >= 0)[:, None, None, None]
-    t, h, a, b = masked.nonzero(as_tuple=True)
-    weight = active.g1_THK[t, h, a] * active.g2_THK[t, h, b]
-    return MaskedPairs(t, active.i_THK[t, h, a], active.j_THK[t, h, b], weight)
+    profile_N = profile_T[active.token]
+    words = mask_table_PW.reshape(-1)[profile_N.clamp_min(0) * W + active.word]
+    masked = ((words >> active.bit) & 1).bool() & (profile_N >= 0)
+    k = masked.nonzero().squeeze(1)
+    return MaskedPairs(active.ti[k], active.tj[k], -active.weight[k])
 
 
 def _remove_pairs(out_TEM, pairs: MaskedPairs, src_TEM, *, into_side2: bool):
     """out[t, j] -= w src[t, i] (into_side2) or out[t, i] -= w src[t, j], over the pairs."""
     T, E, M = out_TEM.shape
-    dst, src = (pairs.j, pairs.i) if into_side2 else (pairs.i, pairs.j)
-    rows = src_TEM.reshape(T * E, M)[pairs.token * E + src].to(pairs.weight.dtype)
-    delta = (rows * -pairs.weight[:, None]).to(out_TEM.dtype)
-    out_TEM.view(T * E, M).index_add_(0, pairs.token * E + dst, delta)
+    dst, src = (pairs.tj, pairs.ti) if into_side2 else (pairs.ti, pairs.tj)
+    rows = src_TEM.reshape(T * E, M)[src].to(pairs.neg_weight.dtype)
+    delta = (rows * pairs.neg_weight[:, None]).to(out_TEM.dtype)
+    out_TEM.view(T * E, M).index_add_(0, dst, delta)  # alpha=-1 is 7x slower on [N, M] rows
 
 
 def _remove_weights(c_TE, pairs: MaskedPairs, *, side2: bool):
     """c[t, i] (or c[t, j]) -= w over the pairs: the masked share of each expert's weight."""
-    T, E = c_TE.shape
-    idx = pairs.token * E + (pairs.j if side2 else pairs.i)
-    c_TE.view(T * E).index_add_(0, idx, (-pairs.weight).to(c_TE.dtype))
+    c_TE.view(-1).index_add_(0, pairs.tj if side2 else pairs.ti,
+                             pairs.neg_weight.to(c_TE.dtype))
 
 
 def _shared_active_pairs(g1_THE, g2_THE, dtype, pairs_cache: dict | None) -> ActivePairs:
