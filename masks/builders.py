@@ -59,6 +59,7 @@ __all__ = [
     "learned_profile",
     "manual_profile",
     "next_token_losses",
+    "open_corpus",
     "route_batches",
     "selection_to_mask",
     "specificity_profile",
@@ -150,7 +151,7 @@ def collect_label_statistics(
     """Sum of composite routing weights per label and routing layer over a labelled corpus.
     Records given inline are read as they are routed when `fingerprint` names them, else read
     all first to compute it (likewise for the other collectors)."""
-    records, fingerprint = _open(corpus, fingerprint, text_field=text_field,
+    records, fingerprint = open_corpus(corpus, fingerprint, text_field=text_field,
                                  label_field=label_field)
     acc = LabelAccumulator(routing_layers=_routing_layers(model), method=method,
                            device=model.device, **_shape(model))
@@ -180,7 +181,7 @@ def collect_correlation_statistics(
     """Sums for the correlation of composite routing weights with a per-token score: the
     corpus's `score_field` (a number per text, spread over its tokens, or a list with one
     number per token) or `scorer(text)`, which returns the same."""
-    records, fingerprint = _open(corpus, fingerprint, text_field=text_field, label_field="label",
+    records, fingerprint = open_corpus(corpus, fingerprint, text_field=text_field, label_field="label",
                                  score_field=None if scorer else score_field)
     acc = CorrelationAccumulator(routing_layers=_routing_layers(model), method=method,
                                  device=model.device, **_shape(model))
@@ -213,7 +214,7 @@ def collect_attribution_statistics(
     predictions need. On small models the two differ: an expert can be routed mostly on one
     language yet matter little to it. Costs a forward and backward with [T, E, E] weights per
     layer (for E = 512, route few tokens per batch)."""
-    records, fingerprint = _open(corpus, fingerprint, text_field=text_field,
+    records, fingerprint = open_corpus(corpus, fingerprint, text_field=text_field,
                                  label_field=label_field)
     identity, tokenizer = model.identity, _tokenizer(model)
     model, gates = _gated_copy(model)
@@ -265,7 +266,10 @@ def _gated_copy(model) -> tuple[Any, dict[int, torch.Tensor]]:
     return model, gates
 
 
-def _open(corpus, fingerprint: str | None, **fields) -> tuple[Iterable[Record], str]:
+def open_corpus(corpus, fingerprint: str | None = None,
+                **fields) -> tuple[Iterable[Record], str]:
+    """The records of a corpus file (read lazily) or of inline records, and the corpus
+    fingerprint: the file's, the caller's for inline records, or their hash."""
     if isinstance(corpus, (str, Path)):
         return read_corpus(corpus, **fields), corpus_fingerprint(corpus)
     if fingerprint is not None:
@@ -437,7 +441,7 @@ def learned_profile(
         raise ValueError("steps and texts_per_label must be at least 1")
     if collateral < 0 or cap <= 0 or sparsity < 0 or lr <= 0:
         raise ValueError("collateral and sparsity must be >= 0, cap and lr > 0")
-    records, fingerprint = _open(corpus, fingerprint, text_field=text_field,
+    records, fingerprint = open_corpus(corpus, fingerprint, text_field=text_field,
                                  label_field=label_field)
     identity, tokenizer = model.identity, _tokenizer(model)
     by_label: dict[str, list[Window]] = {}

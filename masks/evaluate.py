@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from masks.builders import next_token_losses, specificity_profile
-from masks.corpus import Record, batches, corpus_fingerprint, read_corpus
+from masks.builders import next_token_losses, open_corpus, specificity_profile
+from masks.corpus import Record, batches
 from masks.schema import EvaluationReport, LabelLoss, MaskProfile, ModelMismatch, SweepPoint
 from masks.statistics import LabelStatistics
 from monet_runtime.expert_mask import ExpertMask
@@ -89,13 +89,6 @@ def evaluate_masks(
     return table
 
 
-def _records(corpus, text_field: str, label_field: str) -> tuple[Iterable[Record], str]:
-    if isinstance(corpus, (str, Path)):
-        return (read_corpus(corpus, text_field=text_field, label_field=label_field),
-                corpus_fingerprint(corpus))
-    return list(corpus), "inline"
-
-
 def evaluate_profile(
     model,
     profile: MaskProfile,
@@ -111,7 +104,7 @@ def evaluate_profile(
     """Loss per label with and without the profile's mask (refuses another model's profile).
     `target` defaults to the label the profile was built for."""
     mask = profile.mask_for(model.identity)
-    records, fingerprint = _records(corpus, text_field, label_field)
+    records, fingerprint = open_corpus(corpus, text_field=text_field, label_field=label_field)
     table = evaluate_masks(model, records, {"profile": mask}, batch_tokens=batch_tokens,
                            max_length=max_length, progress=progress)
     return EvaluationReport(
@@ -146,7 +139,7 @@ def coverage_sweep(
                                       min_mass=min_mass, coverage=c)
         for c in coverages
     }
-    records, _ = _records(corpus, text_field, label_field)
+    records, _ = open_corpus(corpus, text_field=text_field, label_field=label_field)
     table = evaluate_masks(model, records, {k: p.experts for k, p in profiles.items()},
                            batch_tokens=batch_tokens, max_length=max_length, progress=progress)
     points = []

@@ -270,8 +270,10 @@ def test_evaluation_report(tiny_model, corpus_file, tmp_path):
 def test_empty_mask_changes_nothing(tiny_model):
     profile = manual_profile({"layers": []}, name="empty", model_id=tiny_model.identity,
                              num_layers=4, num_experts=16)
-    report = evaluate_profile(tiny_model, profile, texts(per_label=2), progress=False)
+    records = texts(per_label=2)
+    report = evaluate_profile(tiny_model, profile, records, progress=False)
     assert all(r.delta == 0 for r in report.labels)
+    assert report.corpus_fingerprint == records_fingerprint(records)  # inline records: a hash
 
 
 def test_attribution_is_the_loss_derivative(tiny_model):
