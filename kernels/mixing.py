@@ -84,11 +84,14 @@ class ActivePairs(NamedTuple):
     bit: torch.Tensor  # [N] its bit (n % 32)
 
 
-def active_pairs(g1_THE: torch.Tensor, g2_THE: torch.Tensor, dtype: torch.dtype) -> ActivePairs:
+def active_pairs(g1_THE: torch.Tensor, g2_THE: torch.Tensor, dtype: torch.dtype,
+                 tokens: torch.Tensor | None = None) -> ActivePairs:
     """The active pairs of a routing for activations of `dtype`: g is rounded to that dtype
     first, as the factorised path does, so that a fully masked expert cancels exactly; the pair
-    weights are kept in float32 or better."""
+    weights are kept in float32 or better. tokens: only these tokens' pairs (default: all)."""
     wdtype = torch.promote_types(dtype, torch.float32)
+    if tokens is not None:
+        g1_THE, g2_THE = g1_THE[tokens], g2_THE[tokens]
     g1 = g1_THE.to(dtype).to(wdtype)
     g2 = g2_THE.to(dtype).to(wdtype)
     T, H, E = g1.shape
@@ -103,6 +106,8 @@ def active_pairs(g1_THE: torch.Tensor, g2_THE: torch.Tensor, dtype: torch.dtype)
     b = (n2_R.cumsum(0) - n2_R)[row1[a]] + torch.arange(a.numel(), device=g1.device) - first[a]
     f1, f2 = flat1[a], flat2[b]
     t, i, j = f1 // (H * E), f1 % E, f2 % E
+    if tokens is not None:
+        t = tokens[t]
     n = i * E + j
     weight = g1.view(-1)[f1] * g2.view(-1)[f2]
     return ActivePairs(t, t * E + i, t * E + j, weight, n >> 5, (n & 31).int())
@@ -145,12 +150,17 @@ def _remove_weights(c_TE, pairs: MaskedPairs, *, side2: bool):
                              pairs.neg_weight.to(c_TE.dtype))
 
 
-def _shared_active_pairs(g1_THE, g2_THE, dtype, pairs_cache: dict | None) -> ActivePairs:
-    if pairs_cache is None:
-        return active_pairs(g1_THE, g2_THE, dtype)
-    if dtype not in pairs_cache:
-        pairs_cache[dtype] = active_pairs(g1_THE, g2_THE, dtype)
-    return pairs_cache[dtype]
+def _shared_active_pairs(g1_THE, g2_THE, dtype, profile_T, pairs_cache: dict | None):
+    """The active pairs of the tokens with a profile (all of them, unless the batch mixes in
+    unmasked requests), from pairs_cache when a layer of the routing group found them."""
+    if pairs_cache is not None and dtype in pairs_cache:
+        return pairs_cache[dtype]
+    tokens = (profile_T >= 0).nonzero().squeeze(1)
+    active = active_pairs(g1_THE, g2_THE, dtype,
+                          None if tokens.numel() == profile_T.numel() else tokens)
+    if pairs_cache is not None:
+        pairs_cache[dtype] = active
+    return active
 
 
 def _any_profile(profile_T: torch.Tensor | None, T: int) -> bool:
@@ -173,8 +183,9 @@ def mix_vd_reference(
     """Plain-torch VD mixing. a, b: [T, E, M] activations; g1, g2: [T, H, E] router weights.
 
     All outputs take a's dtype; g is cast to it first, as in the authors' release.
-    pairs_cache: a dict the caller keeps per routing (g1, g2); the active pairs of a masked
-    batch are kept there, so the layers of a routing group compute them once.
+    pairs_cache: a dict the caller keeps per routing (g1, g2) and batch (the layers that share
+    it pass the same profile_T); the active pairs of the masked tokens are kept there, so the
+    layers of a routing group find them once.
     """
     T, E, M = a_TEM.shape
     g1 = g1_THE.to(a_TEM.dtype)
@@ -184,7 +195,7 @@ def mix_vd_reference(
     x12_TEM = _mix_through(b_TEM, g2, g1)
     x21_TEM = _mix_through(a_TEM, g1, g2)
     if _any_profile(profile_T, T):
-        active = _shared_active_pairs(g1_THE, g2_THE, a_TEM.dtype, pairs_cache)
+        active = _shared_active_pairs(g1_THE, g2_THE, a_TEM.dtype, profile_T, pairs_cache)
         pairs = masked_active_pairs(active, mask_table_PW, profile_T)
         _remove_weights(c1_TE, pairs, side2=False)
         _remove_weights(c2_TE, pairs, side2=True)
@@ -218,7 +229,7 @@ def mix_hd_reference(
     c2_TE = g2.sum(1)
     out_TEM = _mix_through(x_TEM, g1, g2)
     if _any_profile(profile_T, T):
-        active = _shared_active_pairs(g1_THE, g2_THE, x_TEM.dtype, pairs_cache)
+        active = _shared_active_pairs(g1_THE, g2_THE, x_TEM.dtype, profile_T, pairs_cache)
         pairs = masked_active_pairs(active, mask_table_PW, profile_T)
         _remove_weights(c2_TE, pairs, side2=True)
         _remove_pairs(out_TEM, pairs, x_TEM, into_side2=True)
