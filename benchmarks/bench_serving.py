@@ -145,12 +145,14 @@ async def main(args):
     await engine.shutdown()
 
     for workload in loads:
-        w = workload.name
-        mixed = figures[w, "vllm 8 profiles mixed"] / figures[w, "vllm no masks"]
-        print(f"{w}: vLLM mixed / unmasked {mixed:.2f} (target >= 0.90); vLLM / runtime: "
-              f"unmasked {figures[w, 'vllm no masks'] / figures[w, 'runtime no masks']:.2f}, "
-              f"mixed {figures[w, 'vllm 8 profiles mixed'] / figures[w, 'runtime 8 profiles mixed']:.2f}"
-              f" (target >= 3)")
+        def ratio(a: str, b: str) -> float:
+            return figures[workload.name, a] / figures[workload.name, b]
+
+        print(f"{workload.name}: vLLM mixed / unmasked "
+              f"{ratio('vllm 8 profiles mixed', 'vllm no masks'):.2f} (target >= 0.90); "
+              f"vLLM / runtime: unmasked {ratio('vllm no masks', 'runtime no masks'):.2f}, "
+              f"mixed {ratio('vllm 8 profiles mixed', 'runtime 8 profiles mixed'):.2f}"
+              " (target >= 3)")
 
 
 if __name__ == "__main__":

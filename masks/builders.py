@@ -152,7 +152,7 @@ def collect_label_statistics(
     Records given inline are read as they are routed when `fingerprint` names them, else read
     all first to compute it (likewise for the other collectors)."""
     records, fingerprint = open_corpus(corpus, fingerprint, text_field=text_field,
-                                 label_field=label_field)
+                                       label_field=label_field)
     acc = LabelAccumulator(routing_layers=_routing_layers(model), method=method,
                            device=model.device, **_shape(model))
     for batch, probs, keep in route_batches(model, records, batch_tokens=batch_tokens,
@@ -181,8 +181,9 @@ def collect_correlation_statistics(
     """Sums for the correlation of composite routing weights with a per-token score: the
     corpus's `score_field` (a number per text, spread over its tokens, or a list with one
     number per token) or `scorer(text)`, which returns the same."""
-    records, fingerprint = open_corpus(corpus, fingerprint, text_field=text_field, label_field="label",
-                                 score_field=None if scorer else score_field)
+    records, fingerprint = open_corpus(corpus, fingerprint, text_field=text_field,
+                                       label_field="label",
+                                       score_field=None if scorer else score_field)
     acc = CorrelationAccumulator(routing_layers=_routing_layers(model), method=method,
                                  device=model.device, **_shape(model))
     for batch, probs, keep in route_batches(model, records, batch_tokens=batch_tokens,
@@ -215,7 +216,7 @@ def collect_attribution_statistics(
     language yet matter little to it. Costs a forward and backward with [T, E, E] weights per
     layer (for E = 512, route few tokens per batch)."""
     records, fingerprint = open_corpus(corpus, fingerprint, text_field=text_field,
-                                 label_field=label_field)
+                                       label_field=label_field)
     identity, tokenizer = model.identity, _tokenizer(model)
     model, gates = _gated_copy(model)
     c = model.config
@@ -442,7 +443,7 @@ def learned_profile(
     if collateral < 0 or cap <= 0 or sparsity < 0 or lr <= 0:
         raise ValueError("collateral and sparsity must be >= 0, cap and lr > 0")
     records, fingerprint = open_corpus(corpus, fingerprint, text_field=text_field,
-                                 label_field=label_field)
+                                       label_field=label_field)
     identity, tokenizer = model.identity, _tokenizer(model)
     by_label: dict[str, list[Window]] = {}
     for window in windows(records, tokenizer, max_length=max_length):
