@@ -144,14 +144,14 @@ async def main(args):
     await measure(engine, "runtime", ["no masks", "8 profiles mixed"])
     await engine.shutdown()
 
-    for workload in loads:
-        def ratio(a: str, b: str) -> float:
-            return figures[workload.name, a] / figures[workload.name, b]
+    def ratio(workload: str, a: str, b: str) -> float:
+        return figures[workload, a] / figures[workload, b]
 
-        print(f"{workload.name}: vLLM mixed / unmasked "
-              f"{ratio('vllm 8 profiles mixed', 'vllm no masks'):.2f} (target >= 0.90); "
-              f"vLLM / runtime: unmasked {ratio('vllm no masks', 'runtime no masks'):.2f}, "
-              f"mixed {ratio('vllm 8 profiles mixed', 'runtime 8 profiles mixed'):.2f}"
+    for w in (workload.name for workload in loads):
+        print(f"{w}: vLLM mixed / unmasked "
+              f"{ratio(w, 'vllm 8 profiles mixed', 'vllm no masks'):.2f} (target >= 0.90); "
+              f"vLLM / runtime: unmasked {ratio(w, 'vllm no masks', 'runtime no masks'):.2f}, "
+              f"mixed {ratio(w, 'vllm 8 profiles mixed', 'runtime 8 profiles mixed'):.2f}"
               " (target >= 3)")
 
 
