@@ -55,15 +55,6 @@ def workloads(n: int, vocab: int, prompt_len: int, output_len: int) -> list[Work
     return [Workload("burst", n, burst), Workload("stream", n, stream)]
 
 
-def random_mask(config, fraction: float, seed: int):
-    from monet_runtime import ExpertMask
-
-    rng = np.random.default_rng(seed)
-    E = config.moe_experts
-    return ExpertMask({l: np.argwhere(rng.random((E, E)) < fraction)
-                       for l in range(config.num_hidden_layers)}, num_experts=E)
-
-
 async def run(engine, workload: Workload, masks: list[MaskSpec | None]) -> dict[str, float]:
     """Each client takes the next request off the list until none is left."""
     pending = list(enumerate(workload.requests))[::-1]
@@ -100,7 +91,7 @@ def report(workload: str, case: str, f: dict[str, float]) -> None:
 async def main(args):
     from monet_runtime import load_model
     from monet_runtime.engine import RuntimeEngine, VllmServingEngine
-    from monet_runtime.testing import make_random_checkpoint
+    from monet_runtime.testing import make_random_checkpoint, random_mask
 
     path = args.checkpoint
     if path is None:

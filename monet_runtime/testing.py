@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from monet_runtime.config import MonetConfig
+from monet_runtime.expert_mask import ExpertMask
 from monet_runtime.loading import save_checkpoint
 from monet_runtime.model import MonetForCausalLM
 
-__all__ = ["TINY_CONFIG", "make_random_checkpoint", "random_model"]
+__all__ = ["TINY_CONFIG", "make_random_checkpoint", "random_mask", "random_model"]
 
 TINY_CONFIG: dict[str, Any] = dict(
     vocab_size=128, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
@@ -53,3 +55,11 @@ def random_model(seed: int = 0, **overrides: Any) -> MonetForCausalLM:
 def make_random_checkpoint(path: str | Path, *, seed: int = 0, **overrides: Any) -> Path:
     """Write a random checkpoint (config.json + model.safetensors) built from TINY_CONFIG."""
     return save_checkpoint(random_model(seed, **overrides), path)
+
+
+def random_mask(config: MonetConfig, fraction: float, seed: int) -> ExpertMask:
+    """Each composite expert of every layer removed with probability `fraction`."""
+    rng = np.random.default_rng(seed)
+    E, L = config.moe_experts, config.num_hidden_layers
+    return ExpertMask({l: np.argwhere(rng.random((E, E)) < fraction) for l in range(L)},
+                      num_experts=E)

@@ -14,25 +14,17 @@ import pytest
 pytest.importorskip("vllm")
 
 from monet_runtime import (  # noqa: E402
-    ExpertMask,
     GenerationRequest,
     SamplingParams,
     generate_batch,
     load_model,
 )
-from monet_runtime.testing import make_random_checkpoint  # noqa: E402
+from monet_runtime.testing import make_random_checkpoint, random_mask  # noqa: E402
 from monet_runtime.vllm_engine import MaskProfileRef, VllmEngine  # noqa: E402
 
 pytestmark = pytest.mark.slow
 SLOTS = 4
 GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
-
-
-def random_mask(config, fraction: float, seed: int) -> ExpertMask:
-    rng = np.random.default_rng(seed)
-    E, L = config.moe_experts, config.num_hidden_layers
-    return ExpertMask({l: np.argwhere(rng.random((E, E)) < fraction) for l in range(L)},
-                      num_experts=E)
 
 
 @pytest.fixture(scope="module", params=["fixture", "random512"])
