@@ -161,7 +161,8 @@ class MonetDecoderLayer(nn.Module):
         y_TD = self.post_attention_layernorm(h_TD)
         if self.router is not None:  # g1, g2 [T, H, E] float32 and the group's pairs cache
             routing = (*self.router(y_TD), {})
-        return h_TD + self.moe(y_TD, *routing[:2], mask, routing[2]), routing
+        g1, g2, pairs_cache = routing
+        return h_TD + self.moe(y_TD, g1, g2, mask, pairs_cache), routing
 
 
 class MonetModel(nn.Module):
