@@ -71,46 +71,54 @@ def _mix_through(x_TEM: torch.Tensor, g_src_THE: torch.Tensor, g_dst_THE: torch.
 
 
 class ActivePairs(NamedTuple):
-    """Every active pair of a routing, as flat lists: (t, i, j) for each head h with
-    g1[t,h,i] > 0 and g2[t,h,j] > 0 (about H k^2 per token, no padding), its weight and where
-    it sits in a mask table row. It depends on the routing only, so every layer of a routing
-    group shares it: a model computes it once per routing layer, not once per layer."""
+    """Every active pair of a batch's masked tokens, as flat lists: (t, i, j) for each head h
+    with g1[t,h,i] > 0 and g2[t,h,j] > 0 (about H k^2 per token, no padding), its weight and
+    where its bit sits in the token's row of a mask table. It depends on the routing and on
+    profile_T only, so every layer of a routing group shares it: a model finds it once per
+    routing layer, and a layer only looks its pairs up in its own table."""
 
-    token: torch.Tensor  # [N] int64
-    ti: torch.Tensor  # [N] t*E + i: the row of side-1 expert i in a [T*E, ...] view
-    tj: torch.Tensor  # [N] t*E + j
-    weight: torch.Tensor  # [N] g1[t,h,i] g2[t,h,j], float32 or better
-    word: torch.Tensor  # [N] word of composite n = i*E + j in a table row (n // 32)
-    bit: torch.Tensor  # [N] its bit (n % 32)
+    ti: torch.Tensor  # [N] int64: t*E + i, the row of side-1 expert i in a [T*E, ...] view
+    tj: torch.Tensor  # [N] int64: t*E + j
+    neg_weight: torch.Tensor  # [N] -g1[t,h,i] g2[t,h,j], float32 or better
+    word: torch.Tensor  # [N] int64: p*W + n // 32, the word of n = i*E + j in a flat [P*W] table
+    bit: torch.Tensor  # [N] int32: n % 32
 
 
 def active_pairs(g1_THE: torch.Tensor, g2_THE: torch.Tensor, dtype: torch.dtype,
-                 tokens: torch.Tensor | None = None) -> ActivePairs:
-    """The active pairs of a routing for activations of `dtype`: g is rounded to that dtype
-    first, as the factorised path does, so that a fully masked expert cancels exactly; the pair
-    weights are kept in float32 or better. tokens: only these tokens' pairs (default: all)."""
+                 profile_T: torch.Tensor, words_per_row: int) -> ActivePairs:
+    """The active pairs of the tokens with a profile, for activations of `dtype`: g is rounded
+    to that dtype first, as the factorised path does, so that a fully masked expert cancels
+    exactly; the pair weights are kept in float32 or better. words_per_row: W of the tables.
+
+    The integer work is done per side-1 entry (t, h, i), about k per head, and each pair only
+    adds its side-2 expert j to its entry's offsets."""
     wdtype = torch.promote_types(dtype, torch.float32)
-    if tokens is not None:
+    tokens = (profile_T >= 0).nonzero().squeeze(1)
+    if tokens.numel() < profile_T.numel():
         g1_THE, g2_THE = g1_THE[tokens], g2_THE[tokens]
-    g1 = g1_THE.to(dtype).to(wdtype)
-    g2 = g2_THE.to(dtype).to(wdtype)
-    T, H, E = g1.shape
-    # the g > 0 entries of each side, flat indices into [T*H*E]: grouped by row t*H + h
-    flat1 = (g1.view(-1) > 0).nonzero().squeeze(1)
-    flat2 = (g2.view(-1) > 0).nonzero().squeeze(1)
+    g1 = g1_THE.to(dtype).to(wdtype).view(-1)
+    g2 = g2_THE.to(dtype).to(wdtype).view(-1)
+    T, H, E = g1_THE.shape
+    # the nonzero entries of each side (g >= 0), flat indices into [T*H*E]: grouped by row t*H+h
+    flat1 = g1.nonzero().squeeze(1)
+    flat2 = g2.nonzero().squeeze(1)
     row1, row2 = flat1 // E, flat2 // E
-    n2_R = torch.bincount(row2, minlength=T * H)  # side-2 experts per (t, h) row
-    per1 = n2_R[row1]  # pairs of each side-1 entry: every side-2 expert of its row
+    i1, j2 = flat1 - row1 * E, flat2 - row2 * E
+    t1 = tokens[row1 // H]  # the batch token of each side-1 entry
+    tE1 = t1 * E
+    bit1 = profile_T[t1].long() * (32 * words_per_row) + i1 * E  # table bit of (i, j=0)
+    g1_neg = -g1[flat1]
+    # pairs: each side-1 entry with every side-2 entry of its row
+    n2_R = torch.bincount(row2, minlength=T * H)
+    per1 = n2_R[row1]
     a = torch.repeat_interleave(per1)  # the side-1 entry of each pair
-    first = per1.cumsum(0) - per1  # the first pair of each side-1 entry
-    b = (n2_R.cumsum(0) - n2_R)[row1[a]] + torch.arange(a.numel(), device=g1.device) - first[a]
-    f1, f2 = flat1[a], flat2[b]
-    t, i, j = f1 // (H * E), f1 % E, f2 % E
-    if tokens is not None:
-        t = tokens[t]
-    n = i * E + j
-    weight = g1.view(-1)[f1] * g2.view(-1)[f2]
-    return ActivePairs(t, t * E + i, t * E + j, weight, n >> 5, (n & 31).int())
+    first2_R = n2_R.cumsum(0) - n2_R  # the first side-2 entry of each row
+    offset1 = first2_R[row1] - (per1.cumsum(0) - per1)  # side-2 entry = offset1[a] + pair
+    b = offset1[a] + torch.arange(a.numel(), device=a.device)
+    j = j2[b]
+    nbit = bit1[a] + j
+    return ActivePairs((tE1 + i1)[a], tE1[a] + j, g1_neg[a] * g2[flat2][b], nbit >> 5,
+                       (nbit & 31).int())
 
 
 class MaskedPairs(NamedTuple):
@@ -121,18 +129,13 @@ class MaskedPairs(NamedTuple):
     neg_weight: torch.Tensor  # [N] -g1[h, i] g2[h, j], float32 or better
 
 
-def masked_active_pairs(
-    active: ActivePairs, mask_table_PW: torch.Tensor, profile_T: torch.Tensor
-) -> MaskedPairs:
-    """The active pairs that each token's profile masks, with their weight negated (summed
-    over heads, the weights of a pair are its g_ij): one bitset lookup per active pair in its
-    token's profile row (no [T, W] copy of the rows)."""
-    W = mask_table_PW.shape[1]
-    profile_N = profile_T[active.token]
-    words = mask_table_PW.reshape(-1)[profile_N.clamp_min(0) * W + active.word]
-    masked = ((words >> active.bit) & 1).bool() & (profile_N >= 0)
-    k = masked.nonzero().squeeze(1)
-    return MaskedPairs(active.ti[k], active.tj[k], -active.weight[k])
+def masked_active_pairs(active: ActivePairs, mask_table_PW: torch.Tensor) -> MaskedPairs:
+    """The active pairs that their token's profile masks in this table, with their weight
+    negated (summed over heads, the weights of a pair are its g_ij): one bitset lookup per
+    active pair (no [T, W] copy of the rows)."""
+    words = mask_table_PW.reshape(-1)[active.word]
+    k = ((words >> active.bit) & 1).nonzero().squeeze(1)
+    return MaskedPairs(active.ti[k], active.tj[k], active.neg_weight[k])
 
 
 def _remove_pairs(out_TEM, pairs: MaskedPairs, src_TEM, *, into_side2: bool):
@@ -150,14 +153,13 @@ def _remove_weights(c_TE, pairs: MaskedPairs, *, side2: bool):
                              pairs.neg_weight.to(c_TE.dtype))
 
 
-def _shared_active_pairs(g1_THE, g2_THE, dtype, profile_T, pairs_cache: dict | None):
-    """The active pairs of the tokens with a profile (all of them, unless the batch mixes in
-    unmasked requests), from pairs_cache when a layer of the routing group found them."""
+def _shared_active_pairs(g1_THE, g2_THE, dtype, profile_T, mask_table_PW,
+                         pairs_cache: dict | None) -> ActivePairs:
+    """The active pairs of the masked tokens, from pairs_cache when a layer of the routing
+    group found them."""
     if pairs_cache is not None and dtype in pairs_cache:
         return pairs_cache[dtype]
-    tokens = (profile_T >= 0).nonzero().squeeze(1)
-    active = active_pairs(g1_THE, g2_THE, dtype,
-                          None if tokens.numel() == profile_T.numel() else tokens)
+    active = active_pairs(g1_THE, g2_THE, dtype, profile_T, mask_table_PW.shape[1])
     if pairs_cache is not None:
         pairs_cache[dtype] = active
     return active
@@ -195,8 +197,9 @@ def mix_vd_reference(
     x12_TEM = _mix_through(b_TEM, g2, g1)
     x21_TEM = _mix_through(a_TEM, g1, g2)
     if _any_profile(profile_T, T):
-        active = _shared_active_pairs(g1_THE, g2_THE, a_TEM.dtype, profile_T, pairs_cache)
-        pairs = masked_active_pairs(active, mask_table_PW, profile_T)
+        active = _shared_active_pairs(g1_THE, g2_THE, a_TEM.dtype, profile_T, mask_table_PW,
+                                      pairs_cache)
+        pairs = masked_active_pairs(active, mask_table_PW)
         _remove_weights(c1_TE, pairs, side2=False)
         _remove_weights(c2_TE, pairs, side2=True)
         _remove_pairs(x12_TEM, pairs, b_TEM, into_side2=False)
@@ -229,8 +232,9 @@ def mix_hd_reference(
     c2_TE = g2.sum(1)
     out_TEM = _mix_through(x_TEM, g1, g2)
     if _any_profile(profile_T, T):
-        active = _shared_active_pairs(g1_THE, g2_THE, x_TEM.dtype, profile_T, pairs_cache)
-        pairs = masked_active_pairs(active, mask_table_PW, profile_T)
+        active = _shared_active_pairs(g1_THE, g2_THE, x_TEM.dtype, profile_T, mask_table_PW,
+                                      pairs_cache)
+        pairs = masked_active_pairs(active, mask_table_PW)
         _remove_weights(c2_TE, pairs, side2=True)
         _remove_pairs(out_TEM, pairs, x_TEM, into_side2=True)
     return MixHD(out_TEM.reshape(T, E * M), c2_TE)
