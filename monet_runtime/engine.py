@@ -292,7 +292,6 @@ class VllmServingEngine:
         self.num_layers, self.num_experts = c.num_hidden_layers, c.moe_experts
         self.vocab_size, self.max_model_len = c.vocab_size, c.max_position_embeddings
         self._groups = c.moe_groups
-        self._running = 0
         self._ids = itertools.count()
 
     def _profile(self, spec):
@@ -307,17 +306,12 @@ class VllmServingEngine:
         if len(ids) + request.sampling.max_tokens > self.max_model_len:
             raise ValueError(f"prompt plus max_tokens exceeds {self.max_model_len} positions")
         params = _params(request.sampling)
-        self._running += 1
-        try:
-            async for event in self._engine.stream(ids, params,
-                                                   profile=self._profile(request.mask),
-                                                   request_id=request.request_id):
-                yield StepOutput(event.token_id, event.finish_reason)  # queue time: unknown
-        finally:
-            self._running -= 1
+        async for event in self._engine.stream(ids, params, profile=self._profile(request.mask),
+                                               request_id=request.request_id):
+            yield event
 
     async def abort(self, request_id: str) -> None:
-        await self._engine._llm.abort(request_id)
+        await self._engine.abort(request_id)
 
     async def routing(self, prompt_ids: Sequence[int], *, top_k: int) -> list[list[RoutedExpert]]:
         ids = list(prompt_ids)
@@ -329,7 +323,7 @@ class VllmServingEngine:
                                      top_k=top_k)
 
     def load(self) -> tuple[int, int]:
-        return self._running, 0  # vLLM's own queue is not exposed: in-flight as running
+        return self._engine.load()
 
     async def health(self) -> dict[str, Any]:
         return await self._engine.health()

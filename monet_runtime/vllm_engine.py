@@ -9,6 +9,11 @@ worker copies it into one of P device slots (LRU) when the row joins the batch; 
 admits at most P distinct profiles among running requests, so a slot is always free. The same
 key is the request's cache_salt: the prefix cache never shares KV blocks between masks.
 
+Load and queue time: a request waits first here, for a mask slot, then in vLLM's scheduler. A
+stat logger (vLLM's per-step hook) keeps the scheduler's count of waiting requests, and each
+request's first output carries its engine-core queued and scheduled timestamps; the first token
+reports both waits as its queue time.
+
 Legend: P mask slots.
 """
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -24,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from monet_runtime.config import MonetConfig
+from monet_runtime.engine import StepOutput
 from monet_runtime.expert_mask import ExpertMask
-from monet_runtime.generation import SamplingParams, StepEvent
+from monet_runtime.generation import SamplingParams
 
 __all__ = ["EngineOutput", "MaskProfileRef", "VllmEngine"]
 
@@ -64,6 +71,35 @@ class _Profiles:
     installed: OrderedDict[str, None] = field(default_factory=OrderedDict)
     active: Counter[str] = field(default_factory=Counter)
     changed: asyncio.Condition | None = None
+    waiting: int = 0  # requests waiting for a slot
+
+
+@dataclass(slots=True)
+class _Load:
+    """Requests in flight in this engine, and how many vLLM's scheduler last reported waiting."""
+
+    in_flight: int = 0
+    scheduler_waiting: int = 0
+
+
+def _scheduler_load_logger(load: _Load):
+    """A vLLM stat logger factory whose loggers copy each step's waiting count into `load`."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class SchedulerLoad(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0):
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None,
+                   engine_idx: int = 0):
+            if scheduler_stats is not None:
+                load.scheduler_waiting = (scheduler_stats.num_waiting_reqs
+                                          + scheduler_stats.num_skipped_waiting_reqs)
+
+        def log_engine_initialized(self):
+            pass
+
+    return SchedulerLoad
 
 
 class VllmEngine:
@@ -98,7 +134,11 @@ class VllmEngine:
             worker_extension_cls="monet_runtime.vllm_profiles.MonetWorkerExtension",
             kv_cache_memory_bytes=kv_cache_bytes, gpu_memory_utilization=0.05,
             disable_log_stats=True, **engine_args)
-        self._llm = AsyncLLM.from_engine_args(args)
+        self._load = _Load()
+        # A stat logger turns vLLM's per-request stats on (queue timestamps), without its
+        # default logging; vLLM also keeps its own Prometheus metrics, which we do not serve.
+        self._llm = AsyncLLM.from_engine_args(
+            args, stat_loggers=[_scheduler_load_logger(self._load)])
         self._profiles = _Profiles(slots=mask_slots, host_capacity=max(host_profiles, mask_slots))
         self._ids = itertools.count()
 
@@ -110,7 +150,11 @@ class VllmEngine:
             p.changed = asyncio.Condition()
         key = profile.key
         async with p.changed:
-            await p.changed.wait_for(lambda: key in p.active or len(p.active) < p.slots)
+            p.waiting += 1
+            try:
+                await p.changed.wait_for(lambda: key in p.active or len(p.active) < p.slots)
+            finally:
+                p.waiting -= 1
             p.active[key] += 1
         try:
             if key not in p.installed:
@@ -138,6 +182,15 @@ class VllmEngine:
     async def slot_state(self) -> dict[str, Any]:
         return (await self._llm.collective_rpc("monet_slot_state"))[0]
 
+    async def abort(self, request_id: str) -> None:
+        await self._llm.abort(request_id)
+
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) requests: waiting for a mask slot or in vLLM's scheduler (its
+        count as of the last step, capped by the requests in flight)."""
+        waiting = min(self._load.in_flight, self._profiles.waiting + self._load.scheduler_waiting)
+        return self._load.in_flight - waiting, waiting
+
     # ---- requests ----------------------------------------------------------------------
     def _sampling(self, params: SamplingParams, extra: dict[str, Any]):
         from vllm import SamplingParams as VllmSampling
@@ -157,8 +210,9 @@ class VllmEngine:
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams | None = None, *,
                      profile: MaskProfileRef | None = None, capture_routing: bool = False,
-                     request_id: str | None = None) -> AsyncIterator[StepEvent]:
-        """Yield one StepEvent per new token (row 0); cancelling the iterator aborts."""
+                     request_id: str | None = None) -> AsyncIterator[StepOutput]:
+        """Yield one StepOutput per new token, the first with the request's queue time;
+        cancelling the iterator aborts."""
         async for event, _ in self._run(prompt_ids, params or SamplingParams(), profile=profile,
                                         capture_routing=capture_routing,
                                         request_id=request_id):
@@ -185,34 +239,47 @@ class VllmEngine:
         if not prompt_ids:
             raise ValueError("prompt_ids is empty")
         request_id = request_id or f"monet-{next(self._ids)}"
+        masked = profile is not None and bool(profile.mask)
         extra: dict[str, Any] = {}
         salt = None
-        if profile is not None and profile.mask:
+        if masked:
             extra[MASK_KEY] = salt = profile.key
-            await self._acquire(profile)
         if capture_routing:  # every token computed: no prefix-cache reuse for this request
             extra[CAPTURE_KEY] = request_id
             salt = f"{salt or ''}#capture:{request_id}"
         prompt = TokensPrompt(prompt_token_ids=list(prompt_ids))
         if salt is not None:
             prompt["cache_salt"] = salt
+        sampling = self._sampling(params, extra)
+        submitted = time.perf_counter()
+        self._load.in_flight += 1
         try:
-            async for out in self._llm.generate(prompt, self._sampling(params, extra),
-                                                request_id):
-                completion = out.outputs[0]
-                info = {"num_cached_tokens": out.num_cached_tokens or 0}
-                tokens = list(completion.token_ids)
-                for n, token in enumerate(tokens):
-                    last = out.finished and n == len(tokens) - 1
-                    reason = _finish_reason(completion.finish_reason) if last else None
-                    if last and capture_routing:
-                        info["routing"] = await self._take_routing(request_id)
-                    yield StepEvent(0, token, reason), info
-                if out.finished and not tokens:
-                    yield StepEvent(0, -1, _finish_reason(completion.finish_reason)), info
+            if masked:
+                await self._acquire(profile)
+            slot_wait = time.perf_counter() - submitted
+            try:
+                queue_time, timed = None, False
+                async for out in self._llm.generate(prompt, sampling, request_id):
+                    completion = out.outputs[0]
+                    info = {"num_cached_tokens": out.num_cached_tokens or 0}
+                    if not timed:  # the first output: the request ran
+                        queue_time, timed = _queue_time(out.metrics, slot_wait), True
+                    tokens = list(completion.token_ids)
+                    for n, token in enumerate(tokens):
+                        last = out.finished and n == len(tokens) - 1
+                        reason = _finish_reason(completion.finish_reason) if last else None
+                        if last and capture_routing:
+                            info["routing"] = await self._take_routing(request_id)
+                        yield StepOutput(token, reason, queue_time), info
+                        queue_time = None
+                    if out.finished and not tokens:
+                        yield StepOutput(-1, _finish_reason(completion.finish_reason),
+                                         queue_time), info
+            finally:
+                if masked:
+                    await self._release(profile.key)
         finally:
-            if profile is not None and profile.mask:
-                await self._release(profile.key)
+            self._load.in_flight -= 1
 
     async def _take_routing(self, key: str):
         import torch
@@ -236,6 +303,13 @@ class VllmEngine:
 
     def shutdown(self) -> None:
         self._llm.shutdown()
+
+
+def _queue_time(stats, slot_wait: float) -> float:
+    """Seconds a request waited before it ran: for a mask slot, then in vLLM's scheduler
+    (RequestStateStats' engine-core timestamps; unknown there counts as no wait)."""
+    queued, scheduled = getattr(stats, "queued_ts", 0.0), getattr(stats, "scheduled_ts", 0.0)
+    return slot_wait + (scheduled - queued if queued and scheduled >= queued else 0.0)
 
 
 def _finish_reason(reason: str | None) -> str:

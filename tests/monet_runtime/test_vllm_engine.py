@@ -116,6 +116,39 @@ def test_prefix_cache_is_never_shared_between_masks(served):
     assert once(None) > 0
 
 
+def test_requests_beyond_the_batch_wait_and_report_their_queue_time(served):
+    """max_num_seqs is 16: of 20 requests sent at once, 4 wait in vLLM's scheduler until rows
+    free up. load() counts them as waiting, and their first tokens report longer queue times."""
+    engine, _, loop = served
+    batch = prompts(20, seed=8)
+    loads = []
+
+    async def queue_time(prompt):
+        times = [event.queue_time async for event in engine.stream(prompt, GREEDY)]
+        assert len(times) == GREEDY.max_new_tokens and times[1:] == [None] * (len(times) - 1)
+        return times[0]
+
+    async def watched():
+        async def watch():
+            while True:
+                loads.append(engine.load())
+                await asyncio.sleep(0.002)
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            return await asyncio.gather(*(queue_time(p) for p in batch))
+        finally:
+            watcher.cancel()
+
+    (times,) = run(loop, watched())
+    times = sorted(times)
+    assert times[0] >= 0
+    assert times[-4] > times[15]  # the 4 that waited for a row, after the 16 that ran at once
+    assert max(waiting for _, waiting in loads) >= 1
+    assert max(running + waiting for running, waiting in loads) == 20
+    assert engine.load() == (0, 0)
+
+
 def test_cancelling_a_stream_aborts_it(served):
     engine, model, loop = served
     long = SamplingParams(max_new_tokens=200, ignore_eos=True)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from server_support import ADMIN_KEY, KEYS_ENV, ROOT, ServerProcess, client, unique
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -55,6 +56,11 @@ def test_masked_generation_on_vllm(vllm_server, fixture_mask, golden):
         assert chunks[-1] == "data: [DONE]" and len(chunks) == n + 1
         r = c.post("/inspect", json={"prompt_token_ids": prompt, "profiles": [name]})
         assert r.status_code == 200 and len(r.json()["tokens"]) == len(prompt)
+        metrics = {s.name: s.value for f in text_string_to_metric_families(c.get("/metrics").text)
+                   for s in f.samples}
+    # the three generations reported their queue time (vLLM's scheduler timestamps)
+    assert metrics["monet_request_queue_time_seconds_count"] == 3
+    assert metrics["monet_num_requests_running"] == metrics["monet_num_requests_waiting"] == 0
 
 
 @pytest.mark.slow
