@@ -52,10 +52,13 @@ from monet_runtime.expert_mask import ExpertMask
 __all__ = [
     "BUILDER",
     "attribution_profile",
+    "STATISTICS_CRITERIA",
     "collect_attribution_statistics",
     "collect_correlation_statistics",
+    "collect_criterion_statistics",
     "collect_label_statistics",
     "composite_profile",
+    "criterion_profile",
     "learned_profile",
     "manual_profile",
     "next_token_losses",
@@ -394,6 +397,34 @@ def attribution_profile(
             corpus_fingerprint=stats.corpus_fingerprint, target=target,
             labels=list(stats.labels), tokens=int(stats.tokens.sum()), created_by=created_by),
     )
+
+
+STATISTICS_CRITERIA = {"specificity": "routing", "attribution": "attribution"}
+"""The labelled criteria that select from LabelStatistics, with the quantity theirs hold."""
+
+
+def collect_criterion_statistics(model, corpus: str | Path | Iterable[Record], criterion: str,
+                                 **route: Any) -> LabelStatistics:
+    """The statistics a criterion selects from: routing weights (specificity) or loss
+    attributions (attribution). route: the collect function's keyword arguments."""
+    if criterion == "specificity":
+        return collect_label_statistics(model, corpus, **route)
+    if criterion == "attribution":
+        return collect_attribution_statistics(model, corpus, **route)
+    raise ValueError(f"criterion must be one of {sorted(STATISTICS_CRITERIA)}, got {criterion!r}")
+
+
+def criterion_profile(stats: LabelStatistics, target: str, *, criterion: str,
+                      factor: float | None, floor: float, min_mass: float,
+                      coverage: float | None, **fields: Any) -> MaskProfile:
+    """The criterion's selection as a profile: specificity_profile, or attribution_profile
+    (which has no floor and min_mass). fields: name, kind, layers, description, created_by."""
+    if criterion == "specificity":
+        return specificity_profile(stats, target, factor=factor, floor=floor,
+                                   min_mass=min_mass, coverage=coverage, **fields)
+    if criterion == "attribution":
+        return attribution_profile(stats, target, factor=factor, coverage=coverage, **fields)
+    raise ValueError(f"criterion must be one of {sorted(STATISTICS_CRITERIA)}, got {criterion!r}")
 
 
 def learned_profile(

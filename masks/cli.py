@@ -199,18 +199,12 @@ def _build_labelled(model, source, kind, target, stats_path, options, route, cri
         return [builders.learned_profile(
             model, source, t, name=slug(name.replace("{label}", t)), kind=kind, **fields,
             **options) for t in targets]
-    thresholds = dict(factor=factor, coverage=coverage)
-    if criterion == "specificity":
-        collect, select = builders.collect_label_statistics, builders.specificity_profile
-        quantity = "routing"
-        thresholds |= dict(floor=floor, min_mass=min_mass)
-    elif criterion == "attribution":
-        collect, select = builders.collect_attribution_statistics, builders.attribution_profile
-        quantity = "attribution"
-        route = {k: v for k, v in route.items() if k != "batch_tokens"}  # [T, E, E] per layer
-    else:
+    quantity = builders.STATISTICS_CRITERIA.get(criterion)
+    if quantity is None:
         raise ValueError("--criterion must be specificity, attribution or learned, "
                          f"got '{criterion}'")
+    if criterion == "attribution":  # its own batch default: it keeps [T, E, E] per layer
+        route = {k: v for k, v in route.items() if k != "batch_tokens"}
     stats = None
     if stats_path is not None and stats_path.exists():
         stats = LabelStatistics.load(stats_path)
@@ -220,13 +214,15 @@ def _build_labelled(model, source, kind, target, stats_path, options, route, cri
                           "rebuilding")
             stats = None
     if stats is None:
-        stats = collect(model, source, **route)
+        stats = builders.collect_criterion_statistics(model, source, criterion, **route)
         if stats_path is not None:
             stats.save(stats_path)
     targets = [target] if target else stats.labels
     _check_name(name, targets)
-    return [select(stats, t, name=slug(name.replace("{label}", t)), kind=kind, **options,
-                   **thresholds) for t in targets]
+    return [builders.criterion_profile(
+        stats, t, criterion=criterion, name=slug(name.replace("{label}", t)), kind=kind,
+        factor=factor, floor=floor, min_mass=min_mass, coverage=coverage, **options)
+        for t in targets]
 
 
 def _check_name(name: str, targets: list[str]) -> None:

@@ -63,18 +63,14 @@ class RuntimeProfileBuilder:
                 description=spec.description, created_by=created_by, fingerprint=fingerprint,
                 progress=False,
                 on_step=lambda n, steps: progress(share * n / steps, f"step {n}/{steps}"))
-        elif spec.criterion == "attribution":
-            stats = builders.collect_attribution_statistics(model, counted, **route)
-            profile = builders.attribution_profile(
-                stats, spec.target, name=name, kind=spec.kind, factor=spec.factor,
-                coverage=spec.coverage, layers=spec.layers, description=spec.description,
-                created_by=created_by)
         else:
-            stats = builders.collect_label_statistics(model, counted, **route)
-            profile = builders.specificity_profile(
-                stats, spec.target, name=name, kind=spec.kind, factor=spec.factor,
-                floor=spec.floor, min_mass=spec.min_mass, coverage=spec.coverage,
-                layers=spec.layers, description=spec.description, created_by=created_by)
+            stats = builders.collect_criterion_statistics(model, counted, spec.criterion,
+                                                          **route)
+            profile = builders.criterion_profile(
+                stats, spec.target, criterion=spec.criterion, factor=spec.factor,
+                floor=spec.floor, min_mass=spec.min_mass, coverage=spec.coverage, name=name,
+                kind=spec.kind, layers=spec.layers, description=spec.description,
+                created_by=created_by)
         if spec.evaluate:
             from masks.evaluate import evaluate_profile
 

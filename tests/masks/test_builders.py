@@ -17,6 +17,7 @@ from masks.builders import (
     collect_correlation_statistics,
     collect_label_statistics,
     composite_profile,
+    criterion_profile,
     learned_profile,
     manual_profile,
     specificity_profile,
@@ -150,6 +151,9 @@ def test_domain_profile_follows_the_criterion(tiny_model, corpus_file):
     assert small.experts - large.experts == ExpertMask() and small.size < large.size
     with pytest.raises(ValueError, match="target: label 'rust' is not in the corpus"):
         specificity_profile(stats, "rust", name="r")
+    named = criterion_profile(stats, "xyz", criterion="specificity", factor=2.0, floor=0.0,
+                              min_mass=0.0, coverage=None, name="no-xyz", kind="domain")
+    assert named.experts == profile.experts  # the CLI's and the server's way in
 
 
 def test_toxicity_statistics_and_profile(tiny_model, corpus_file):
@@ -340,6 +344,12 @@ def test_attribution_profile_selects_by_loss_increase():
     full = attribution_profile(stats, "a", name="no-a", coverage=None)
     assert set(full.experts) == {(0, 1, 2), (1, 3, 3)}
     assert full.provenance.criterion == "attribution"
+    named = criterion_profile(stats, "a", criterion="attribution", factor=2.0, floor=99.0,
+                              min_mass=99.0, coverage=None, name="no-a")
+    assert named.experts == full.experts  # floor and min_mass are specificity's only
+    with pytest.raises(ValueError, match="criterion must be one of"):
+        criterion_profile(stats, "a", criterion="learned", factor=2.0, floor=0.0, min_mass=0.0,
+                          coverage=None, name="x")
     with pytest.raises(ValueError, match="attribution"):
         specificity_profile(stats, "a", name="x")
     routing = LabelStatistics(**{**stats.__dict__, "quantity": "routing"})
