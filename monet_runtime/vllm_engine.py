@@ -252,34 +252,34 @@ class VllmEngine:
             prompt["cache_salt"] = salt
         sampling = self._sampling(params, extra)
         submitted = time.perf_counter()
+        acquired = False
         self._load.in_flight += 1
         try:
             if masked:
                 await self._acquire(profile)
+                acquired = True
             slot_wait = time.perf_counter() - submitted
-            try:
-                queue_time, timed = None, False
-                async for out in self._llm.generate(prompt, sampling, request_id):
-                    completion = out.outputs[0]
-                    info = {"num_cached_tokens": out.num_cached_tokens or 0}
-                    if not timed:  # the first output: the request ran
-                        queue_time, timed = _queue_time(out.metrics, slot_wait), True
-                    tokens = list(completion.token_ids)
-                    for n, token in enumerate(tokens):
-                        last = out.finished and n == len(tokens) - 1
-                        reason = _finish_reason(completion.finish_reason) if last else None
-                        if last and capture_routing:
-                            info["routing"] = await self._take_routing(request_id)
-                        yield StepOutput(token, reason, queue_time), info
-                        queue_time = None
-                    if out.finished and not tokens:
-                        yield StepOutput(-1, _finish_reason(completion.finish_reason),
-                                         queue_time), info
-            finally:
-                if masked:
-                    await self._release(profile.key)
+            queue_time, timed = None, False
+            async for out in self._llm.generate(prompt, sampling, request_id):
+                completion = out.outputs[0]
+                info = {"num_cached_tokens": out.num_cached_tokens or 0}
+                if not timed:  # the first output: the request ran
+                    queue_time, timed = _queue_time(out.metrics, slot_wait), True
+                tokens = list(completion.token_ids)
+                for n, token in enumerate(tokens):
+                    last = out.finished and n == len(tokens) - 1
+                    reason = _finish_reason(completion.finish_reason) if last else None
+                    if last and capture_routing:
+                        info["routing"] = await self._take_routing(request_id)
+                    yield StepOutput(token, reason, queue_time), info
+                    queue_time = None
+                if out.finished and not tokens:
+                    yield StepOutput(-1, _finish_reason(completion.finish_reason),
+                                     queue_time), info
         finally:
             self._load.in_flight -= 1
+            if acquired:
+                await self._release(profile.key)
 
     async def _take_routing(self, key: str):
         import torch
