@@ -95,29 +95,32 @@ def active_pairs(g1_THE: torch.Tensor, g2_THE: torch.Tensor, dtype: torch.dtype,
     wdtype = torch.promote_types(dtype, torch.float32)
     tokens = (profile_T >= 0).nonzero().squeeze(1)
     if tokens.numel() < profile_T.numel():
-        g1_THE, g2_THE = g1_THE[tokens], g2_THE[tokens]
+        g1_THE, g2_THE = g1_THE.index_select(0, tokens), g2_THE.index_select(0, tokens)
     g1 = g1_THE.to(dtype).to(wdtype).view(-1)
     g2 = g2_THE.to(dtype).to(wdtype).view(-1)
     T, H, E = g1_THE.shape
     # the nonzero entries of each side (g >= 0), flat indices into [T*H*E]: grouped by row t*H+h
-    flat1 = g1.nonzero().squeeze(1)
-    flat2 = g2.nonzero().squeeze(1)
+    # (index_select, not x[idx]: half the fixed cost on the small index lists of a decode step)
+    flat1 = (g1 != 0).nonzero().squeeze(1)
+    flat2 = (g2 != 0).nonzero().squeeze(1)
     row1, row2 = flat1 // E, flat2 // E
     i1, j2 = flat1 - row1 * E, flat2 - row2 * E
-    t1 = tokens[row1 // H]  # the batch token of each side-1 entry
+    t1 = tokens.index_select(0, row1 // H)  # the batch token of each side-1 entry
     tE1 = t1 * E
-    bit1 = profile_T[t1].long() * (32 * words_per_row) + i1 * E  # table bit of (i, j=0)
-    g1_neg = -g1[flat1]
+    bit1 = profile_T.index_select(0, t1).long() * (32 * words_per_row) + i1 * E  # bit of (i, 0)
+    g1_neg = g1.index_select(0, flat1).neg_()
     # pairs: each side-1 entry with every side-2 entry of its row
     n2_R = torch.bincount(row2, minlength=T * H)
-    per1 = n2_R[row1]
+    per1 = n2_R.index_select(0, row1)
     a = torch.repeat_interleave(per1)  # the side-1 entry of each pair
     first2_R = n2_R.cumsum(0) - n2_R  # the first side-2 entry of each row
-    offset1 = first2_R[row1] - (per1.cumsum(0) - per1)  # side-2 entry = offset1[a] + pair
-    b = offset1[a] + torch.arange(a.numel(), device=a.device)
-    j = j2[b]
-    nbit = bit1[a] + j
-    return ActivePairs((tE1 + i1)[a], tE1[a] + j, g1_neg[a] * g2[flat2][b], nbit >> 5,
+    offset1 = first2_R.index_select(0, row1) - (per1.cumsum(0) - per1)  # side-2 entry: + pair
+    b = offset1.index_select(0, a) + torch.arange(a.numel(), device=a.device)
+    j = j2.index_select(0, b)
+    nbit = bit1.index_select(0, a) + j
+    tE1_a = tE1.index_select(0, a)
+    neg_weight = g1_neg.index_select(0, a) * g2.index_select(0, flat2.index_select(0, b))
+    return ActivePairs(tE1_a + i1.index_select(0, a), tE1_a + j, neg_weight, nbit >> 5,
                        (nbit & 31).int())
 
 
@@ -133,16 +136,17 @@ def masked_active_pairs(active: ActivePairs, mask_table_PW: torch.Tensor) -> Mas
     """The active pairs that their token's profile masks in this table, with their weight
     negated (summed over heads, the weights of a pair are its g_ij): one bitset lookup per
     active pair (no [T, W] copy of the rows)."""
-    words = mask_table_PW.reshape(-1)[active.word]
-    k = ((words >> active.bit) & 1).nonzero().squeeze(1)
-    return MaskedPairs(active.ti[k], active.tj[k], active.neg_weight[k])
+    words = mask_table_PW.reshape(-1).index_select(0, active.word)
+    k = ((words >> active.bit) & 1).bool().nonzero().squeeze(1)
+    return MaskedPairs(active.ti.index_select(0, k), active.tj.index_select(0, k),
+                       active.neg_weight.index_select(0, k))
 
 
 def _remove_pairs(out_TEM, pairs: MaskedPairs, src_TEM, *, into_side2: bool):
     """out[t, j] -= w src[t, i] (into_side2) or out[t, i] -= w src[t, j], over the pairs."""
     T, E, M = out_TEM.shape
     dst, src = (pairs.tj, pairs.ti) if into_side2 else (pairs.ti, pairs.tj)
-    rows = src_TEM.reshape(T * E, M)[src].to(pairs.neg_weight.dtype)
+    rows = src_TEM.reshape(T * E, M).index_select(0, src).to(pairs.neg_weight.dtype)
     delta = (rows * pairs.neg_weight[:, None]).to(out_TEM.dtype)
     out_TEM.view(T * E, M).index_add_(0, dst, delta)  # alpha=-1 is 7x slower on [N, M] rows
 
