@@ -1,8 +1,9 @@
 """Kernels for MONET layers: router and masked expert mixing.
 
-Each operation has a plain-torch reference (also the CPU path), Triton kernels for CUDA and a
-launcher that checks its inputs and picks one (`impl="triton"` / `"reference"` forces a choice;
-on a CPU the Triton kernels then need TRITON_INTERPRET=1). Only torch and triton are imported.
+Each operation has a plain-torch reference, Triton kernels for CUDA and a launcher that checks
+its inputs and picks one (`impl=` forces a choice; on a CPU the Triton kernels then need
+TRITON_INTERPRET=1). Masked mixing also has compiled CPU loops (Numba) for the masked pairs,
+the launcher's pick for CPU float32/float64. Only torch, triton and numba are imported.
 """
 
 from __future__ import annotations

@@ -273,51 +273,72 @@ def _check_mix_inputs(x_TEM, g1_THE, g2_THE, mask_table_PW, profile_T):
 
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_CPU_DTYPES = (torch.float32, torch.float64)
+IMPLS = ("triton", "cpu", "reference")
 
 
-def _use_triton(x: torch.Tensor, impl: str | None) -> bool:
-    """impl None: Triton for CUDA activations of a Triton dtype; "triton" / "reference" force."""
+def _pick_impl(impl: str | None, x: torch.Tensor, *inputs: torch.Tensor) -> str:
+    """impl None: Triton for CUDA activations of a Triton dtype; the compiled CPU loops
+    (kernels.mixing_cpu) for CPU activations of float32/float64 that autograd does not track;
+    else the reference. A name in IMPLS forces that path."""
     from kernels import triton_available
 
     if impl is None:
-        return x.is_cuda and x.dtype in _TRITON_DTYPES and triton_available()
-    if impl not in ("triton", "reference"):
-        raise ValueError(f"impl must be None, 'triton' or 'reference', got {impl!r}")
+        if x.is_cuda:
+            return "triton" if x.dtype in _TRITON_DTYPES and triton_available() else "reference"
+        tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *inputs))
+        cpu = x.device.type == "cpu" and x.dtype in _CPU_DTYPES and not tracked
+        return "cpu" if cpu else "reference"
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be None or one of {IMPLS}, got {impl!r}")
     if impl == "triton" and x.dtype not in _TRITON_DTYPES:
         raise TypeError(f"the Triton mixing kernels take {_TRITON_DTYPES}, got {x.dtype}")
-    return impl == "triton"
+    if impl == "cpu" and (x.device.type != "cpu" or x.dtype not in _CPU_DTYPES):
+        raise TypeError(f"the CPU mixing loops take CPU tensors of {_CPU_DTYPES}, "
+                        f"got {x.device.type} {x.dtype}")
+    return impl
 
 
 def mix_vd(
     a_TEM, b_TEM, g1_THE, g2_THE, mask_table_PW=None, profile_T=None, *, impl=None,
     pairs_cache=None,
 ) -> MixVD:
-    """VD mixing launcher: Triton on CUDA, the reference elsewhere. Shapes as mix_vd_reference.
+    """VD mixing launcher: Triton on CUDA, compiled loops on the CPU, the reference where
+    neither applies (other dtypes, autograd). Shapes as mix_vd_reference.
 
-    impl: None picks, "triton" forces the Triton kernels (on CPU they need TRITON_INTERPRET=1),
-    "reference" forces the plain-torch path. pairs_cache: see mix_vd_reference (the Triton
-    kernels find the pairs in-kernel and do not use it).
+    impl: None picks; "triton" forces the Triton kernels (on CPU they need TRITON_INTERPRET=1),
+    "cpu" the compiled CPU loops, "reference" the plain-torch path. pairs_cache: see
+    mix_vd_reference (the Triton kernels find the pairs in-kernel and do not use it).
     """
     _check_mix_inputs(a_TEM, g1_THE, g2_THE, mask_table_PW, profile_T)
     if a_TEM.shape != b_TEM.shape or a_TEM.dtype != b_TEM.dtype:
         raise ValueError(
             f"a {tuple(a_TEM.shape)} {a_TEM.dtype} and b {tuple(b_TEM.shape)} {b_TEM.dtype} differ"
         )
-    if _use_triton(a_TEM, impl):
+    impl = _pick_impl(impl, a_TEM, b_TEM, g1_THE, g2_THE)
+    if impl == "triton":
         from kernels.mixing_triton import mix_vd_triton
 
         return mix_vd_triton(a_TEM, b_TEM, g1_THE, g2_THE, mask_table_PW, profile_T)
+    if impl == "cpu":
+        from kernels.mixing_cpu import mix_vd_cpu
+
+        return mix_vd_cpu(a_TEM, b_TEM, g1_THE, g2_THE, mask_table_PW, profile_T, pairs_cache)
     return mix_vd_reference(a_TEM, b_TEM, g1_THE, g2_THE, mask_table_PW, profile_T, pairs_cache)
 
 
 def mix_hd(
     x_TEM, g1_THE, g2_THE, mask_table_PW=None, profile_T=None, *, impl=None, pairs_cache=None
 ) -> MixHD:
-    """HD mixing launcher: Triton on CUDA, the reference elsewhere. Shapes and pairs_cache as
-    mix_vd."""
+    """HD mixing launcher: picks as mix_vd. Shapes and pairs_cache as mix_vd."""
     _check_mix_inputs(x_TEM, g1_THE, g2_THE, mask_table_PW, profile_T)
-    if _use_triton(x_TEM, impl):
+    impl = _pick_impl(impl, x_TEM, g1_THE, g2_THE)
+    if impl == "triton":
         from kernels.mixing_triton import mix_hd_triton
 
         return mix_hd_triton(x_TEM, g1_THE, g2_THE, mask_table_PW, profile_T)
+    if impl == "cpu":
+        from kernels.mixing_cpu import mix_hd_cpu
+
+        return mix_hd_cpu(x_TEM, g1_THE, g2_THE, mask_table_PW, profile_T, pairs_cache)
     return mix_hd_reference(x_TEM, g1_THE, g2_THE, mask_table_PW, profile_T, pairs_cache)

@@ -269,18 +269,74 @@ def test_launchers_check_inputs():
         kernels.mix_hd(a.double(), g1, g2, impl="triton")
 
 
-def test_cpu_tensors_take_the_reference(monkeypatch):
-    pytest.importorskip("triton")
-    import kernels.mixing_triton as mt
+def test_launchers_pick_the_cpu_loops_for_cpu_float32_and_float64(monkeypatch):
+    """CPU tensors never take Triton; float32/float64 outside autograd take the compiled loops,
+    bfloat16 and tensors autograd tracks the reference (differentiable)."""
+    import kernels.mixing_cpu as mc
 
-    def boom(*args, **kwargs):
-        raise AssertionError("the Triton path ran on CPU tensors")
-
-    monkeypatch.setattr(mt, "mix_vd_triton", boom)
-    monkeypatch.setattr(mt, "mix_hd_triton", boom)
+    ran: list[str] = []
+    for name in ("mix_vd_cpu", "mix_hd_cpu"):
+        real = getattr(mc, name)
+        monkeypatch.setattr(mc, name, lambda *a, _real=real, _name=name, **k:
+                            ran.append(_name) or _real(*a, **k))
     d = make_inputs(2, 1, 16, 4, torch.float32, seed=0)
-    kernels.mix_vd(d["a"], d["b"], d["g1"], d["g2"], d["table"], d["profile"])
-    kernels.mix_hd(d["a"], d["g1"], d["g2"])
+    args = (d["g1"], d["g2"], d["table"], d["profile"])
+    kernels.mix_vd(d["a"], d["b"], *args)
+    kernels.mix_hd(d["a"].double(), d["g1"], d["g2"])
+    assert ran == ["mix_vd_cpu", "mix_hd_cpu"]
+    kernels.mix_vd(d["a"].bfloat16(), d["b"].bfloat16(), *args)
+    kernels.mix_hd(d["a"].requires_grad_(), *args).x.sum().backward()
+    assert ran == ["mix_vd_cpu", "mix_hd_cpu"] and d["a"].grad is not None
+    with pytest.raises(TypeError, match="CPU mixing"):
+        kernels.mix_hd(d["a"].bfloat16(), *args, impl="cpu")
+    with pytest.raises(TypeError, match="CPU mixing"):
+        kernels.mix_hd(meta(2, 16, 4), *args, impl="cpu")
+
+
+def assert_equal_mix(out, expected):
+    for field, x, y in zip(type(out)._fields, out, expected):
+        assert torch.equal(x, y), field
+
+
+# The compiled CPU loops against the reference: bitwise equal (same pairs, order and
+# arithmetic), so they inherit its agreement with the naive oracle; checked on it too.
+CPU_GRID = [case for case in REFERENCE_GRID if case[0] != 1000] + [(1000, 4, 512, torch.float32)]
+
+
+@pytest.mark.parametrize(("T", "H", "E", "dtype"), CPU_GRID)
+def test_cpu_loops_equal_the_reference(T, H, E, dtype):
+    d = make_inputs(T, H, E, 6, dtype, seed=T + E + H)
+    args = (d["g1"], d["g2"], d["table"], d["profile"])
+    vd = kernels.mix_vd(d["a"], d["b"], *args, impl="cpu")
+    assert_equal_mix(vd, kernels.mix_vd(d["a"], d["b"], *args, impl="reference"))
+    hd = kernels.mix_hd(d["b"], *args, impl="cpu")
+    assert_equal_mix(hd, kernels.mix_hd(d["b"], *args, impl="reference"))
+    if T * E <= 128 * 512:
+        scale = scale_of(H, d["a"], d["b"])
+        assert_mix_close(vd, naive_mix_vd(d["a"], d["b"], *args), dtype=dtype, scale=scale)
+        assert_mix_close(hd, naive_mix_hd(d["b"], *args), dtype=dtype, scale=scale)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(odd_shapes)
+def test_cpu_loops_odd_shapes(case):
+    d = _odd_case(*case)
+    args = (d["g1"], d["g2"], d["table"], d["profile"])
+    assert_equal_mix(kernels.mix_vd(d["a"], d["b"], *args, impl="cpu"),
+                     kernels.mix_vd(d["a"], d["b"], *args, impl="reference"))
+    assert_equal_mix(kernels.mix_hd(d["a"], *args, impl="cpu"),
+                     kernels.mix_hd(d["a"], *args, impl="reference"))
+
+
+def test_cpu_loops_take_non_contiguous_inputs():
+    T, H, E, M = 5, 2, 16, 4
+    d = make_inputs(T, H, E, M, torch.float32, seed=4)
+    a = d["a"].transpose(1, 2).contiguous().transpose(1, 2)
+    g1 = torch.cat([d["g1"], d["g1"]], dim=2)[:, :, :E]
+    assert not a.is_contiguous() and not g1.is_contiguous()
+    args = (g1, d["g2"], d["table"], d["profile"])
+    assert_equal_mix(kernels.mix_vd(a, d["b"], *args, impl="cpu"),
+                     kernels.mix_vd(a, d["b"], *args, impl="reference"))
 
 
 def test_triton_launchers_never_sync(monkeypatch):
@@ -310,7 +366,8 @@ def test_triton_launchers_never_sync(monkeypatch):
     assert vd.x11.shape == (T, E * M) and vd.c2.shape == (T, E) and hd.x.shape == (T, E * M)
 
 
-def test_layers_of_a_routing_group_share_active_pairs():
+@pytest.mark.parametrize("impl", ["reference", "cpu"])
+def test_layers_of_a_routing_group_share_active_pairs(impl):
     """One routing, two layers with different mask tables, one pairs cache: each layer's output
     is its own naive masked mixing, and the routing's active pairs are found once."""
     T, H, E, M = 9, 3, 24, 4
@@ -320,13 +377,18 @@ def test_layers_of_a_routing_group_share_active_pairs():
     cache: dict = {}
     for table in tables:
         args = (d["g1"], d["g2"], table, d["profile"])
-        vd = kernels.mix_vd(d["a"], d["b"], *args, impl="reference", pairs_cache=cache)
+        vd = kernels.mix_vd(d["a"], d["b"], *args, impl=impl, pairs_cache=cache)
         assert_mix_close(vd, naive_mix_vd(d["a"], d["b"], *args), dtype=torch.float64,
                          scale=scale_of(H, d["a"], d["b"]))
-        alone = kernels.mix_vd(d["a"], d["b"], *args, impl="reference")
+        alone = kernels.mix_vd(d["a"], d["b"], *args, impl=impl)
         assert all(torch.equal(x, y) for x, y in zip(vd, alone))
-        hd = kernels.mix_hd(d["b"], *args, impl="reference", pairs_cache=cache)
+        hd = kernels.mix_hd(d["b"], *args, impl=impl, pairs_cache=cache)
         assert_mix_close(hd, naive_mix_hd(d["b"], *args), dtype=torch.float64,
                          scale=scale_of(H, d["b"]))
-    assert list(cache) == [torch.float64]
-    assert (cache[torch.float64].ti // E == 0).sum() >= E * (d["g2"][0, 1] > 0).sum()
+    if impl == "reference":
+        assert list(cache) == [torch.float64]
+        assert (cache[torch.float64].ti // E == 0).sum() >= E * (d["g2"][0, 1] > 0).sum()
+    else:  # per (t, h) row, the experts with g != 0: row (0, 1) keeps all E of side 1
+        assert list(cache) == [("cpu", torch.float64)]
+        start1 = cache["cpu", torch.float64][0]
+        assert start1[2] - start1[1] == E
