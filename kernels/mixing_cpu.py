@@ -51,10 +51,26 @@ def _row_entries(g_THE, profile_T):
 
 
 @_jit
+def _touch_rows(table, profile, start1, index1, H, E):
+    """Load each masked token's side-1 experts' table rows before the pair loop: independent
+    loads, so the cache misses of a decode step (a row per expert; the tables are cold after
+    the weights streamed through) overlap instead of stalling the pair loop one by one (about
+    -40% for the loop at 32 tokens). Returns a sum of the words, so the loads are kept."""
+    touched = 0
+    for t in range(profile.shape[0]):
+        p = profile[t]
+        if p >= 0:
+            for u in range(start1[t * H], start1[t * H + H]):
+                touched += table[p, (index1[u] * E) >> 5]
+    return touched
+
+
+@_jit
 def _remove_vd(a, b, g1, g2, table, profile, start1, index1, start2, index2,
                x11, x12, x21, x22, c1, c2):
     T, H, E = g1.shape
     M = a.shape[2]
+    touched = _touch_rows(table, profile, start1, index1, H, E)
     for t in range(T):
         p = profile[t]
         if p < 0:
@@ -83,12 +99,14 @@ def _remove_vd(a, b, g1, g2, table, profile, start1, index1, start2, index2,
             j = index2[v]
             for m in range(M):
                 x22[t, j, m] = b[t, j, m] * c2[t, j]
+    return touched
 
 
 @_jit
 def _remove_hd(x, g1, g2, table, profile, start1, index1, start2, index2, out, c2):
     T, H, E = g1.shape
     M = x.shape[2]
+    touched = _touch_rows(table, profile, start1, index1, H, E)
     for t in range(T):
         p = profile[t]
         if p < 0:
@@ -106,6 +124,7 @@ def _remove_hd(x, g1, g2, table, profile, start1, index1, start2, index2, out, c
                         c2[t, j] += w
                         for m in range(M):
                             out[t, j, m] += x[t, i, m] * w
+    return touched
 
 
 def _arrays(*tensors: torch.Tensor):
