@@ -6,9 +6,9 @@
 
 For each release (E = 512; H and m from the spec) and T tokens: the router on logits [T, H, E],
 and VD / HD mixing with no mask, one profile (every token) and 8 mixed profiles (tokens spread
-over -1 and 8 profiles), each as Triton (CUDA only), the torch reference and the naive dense
-approach (G [T, E, E] per token, masked entries zeroed, contracted; what the paper's authors
-describe). Masks remove 5% of the composite experts at random.
+over -1 and 8 profiles), each as Triton (CUDA only), the compiled CPU loops (CPU, float32),
+the torch reference and the naive dense approach (G [T, E, E] per token, masked entries zeroed,
+contracted; what the paper's authors describe). Masks remove 5% of the composite experts at random.
 
 Bytes moved is the compulsory traffic: every input read once and every output written once
 (router: z in, g out; VD: g1, g2, a, b in, x11, x12, x21, x22, c1, c2 out, plus the table rows
@@ -180,6 +180,7 @@ def run(args) -> None:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or default_dtype]
     name, peak, source = describe_device(device, args.peak_gbps)
     impls = (["triton"] if device.type == "cuda" and kernels.triton_available() else [])
+    impls += ["cpu"] if device.type == "cpu" and dtype == torch.float32 else []
     impls += ["reference", "naive"]
     print(f"device: {name}")
     print(f"peak bandwidth: {peak:.0f} GB/s ({source}); activations {dtype}; E={E}; "
@@ -209,7 +210,7 @@ def run(args) -> None:
                 L = make_layer(T, H, M, dtype=dtype, device=device)
                 if variant == args.variants[0]:
                     route_bytes = 2 * T * H * E * 4
-                    for impl in [i for i in impls if i != "naive"]:
+                    for impl in [i for i in impls if i in ("triton", "reference")]:
                         def fn(impl=impl):
                             kernels.route(L["z"], L["mean"], L["var"], sigma=L["sigma"],
                                           impl=impl)

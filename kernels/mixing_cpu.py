@@ -24,9 +24,7 @@ import torch
 
 from kernels.mixing import MixHD, MixVD, mix_hd_reference, mix_vd_reference
 
-__all__ = ["CPU_DTYPES", "mix_vd_cpu", "mix_hd_cpu"]
-
-CPU_DTYPES = (torch.float32, torch.float64)
+__all__ = ["mix_hd_cpu", "mix_vd_cpu"]
 
 _jit = numba.njit(cache=True, nogil=True)
 
