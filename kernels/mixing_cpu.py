@@ -50,13 +50,16 @@ def _row_entries(g_THE, profile_T):
 
 @_jit
 def _touch_rows(table, profile, start1, index1, H, E):
-    """Load each masked token's side-1 experts' table rows before the pair loop: independent
+    """Check that every profile names a row of the table (the loops do not bound-check), and
+    load each masked token's side-1 experts' table rows before the pair loop: independent
     loads, so the cache misses of a decode step (a row per expert; the tables are cold after
     the weights streamed through) overlap instead of stalling the pair loop one by one (about
     -40% for the loop at 32 tokens). Returns a sum of the words, so the loads are kept."""
     touched = 0
     for t in range(profile.shape[0]):
         p = profile[t]
+        if p >= table.shape[0]:
+            raise IndexError("profile_T names a row beyond the mask table")
         if p >= 0:
             for u in range(start1[t * H], start1[t * H + H]):
                 touched += table[p, (index1[u] * E) >> 5]

@@ -293,6 +293,16 @@ def test_launchers_pick_the_cpu_loops_for_cpu_float32_and_float64(monkeypatch):
         kernels.mix_hd(meta(2, 16, 4), *args, impl="cpu")
 
 
+def test_cpu_loops_refuse_a_profile_beyond_the_table():
+    d = make_inputs(3, 2, 16, 4, torch.float32, seed=0)
+    profile = torch.tensor([0, NUM_PROFILES, -1])
+    for impl in ("cpu", "reference"):
+        with pytest.raises(IndexError):
+            kernels.mix_vd(d["a"], d["b"], d["g1"], d["g2"], d["table"], profile, impl=impl)
+        with pytest.raises(IndexError):
+            kernels.mix_hd(d["a"], d["g1"], d["g2"], d["table"], profile, impl=impl)
+
+
 def assert_equal_mix(out, expected):
     for field, x, y in zip(type(out)._fields, out, expected):
         assert torch.equal(x, y), field
