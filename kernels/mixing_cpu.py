@@ -7,10 +7,10 @@ the reference and the removal is two compiled loops:
 
 - `_row_entries`, once per routing group (pairs_cache): the nonzero entries of each (t, h)
   router row of the masked tokens, as CSR lists;
-- `_remove_vd` / `_remove_hd`, per layer: for each masked token and head, every pair of its
-  side-1 and side-2 entries is looked up in the token's bitset row, and a masked one removes
-  w = g1[h,i] g2[h,j] of its terms, in the reference's order and arithmetic (the outputs are
-  bitwise the reference's).
+- `_remove_pairs` (through `_remove_vd` / `_remove_hd`), per layer: for each masked token and
+  head, every pair of its side-1 and side-2 entries is looked up in the token's bitset row,
+  and a masked one removes w = g1[h,i] g2[h,j] of its terms, in the reference's order and
+  arithmetic (the outputs are bitwise the reference's).
 
 float32 and float64 activations (other dtypes take the reference). The loops are serial (torch
 keeps the threads busy around them) and release the GIL.
@@ -67,8 +67,12 @@ def _touch_rows(table, profile, start1, index1, H, E):
 
 
 @_jit
-def _remove_vd(a, b, g1, g2, table, profile, start1, index1, start2, index2,
-               x11, x12, x21, x22, c1, c2):
+def _remove_pairs(a, b, g1, g2, table, profile, start1, index1, start2, index2,
+                  x21, c2, x12, c1, side1):
+    """For each masked token and head, look every pair (i, j) of its entries up in the
+    token's table row; a masked one removes w = g1[h,i] g2[h,j]: x21[t, j] -= w a[t, i] and
+    c2[t, j] -= w, and with side1 also x12[t, i] -= w b[t, j] and c1[t, i] -= w. The order
+    and arithmetic are the reference's (its pair lists run t, h, i, j)."""
     T, H, E = g1.shape
     M = a.shape[2]
     touched = _touch_rows(table, profile, start1, index1, H, E)
@@ -86,46 +90,42 @@ def _remove_vd(a, b, g1, g2, table, profile, start1, index1, start2, index2,
                     n = i * E + j
                     if (table[p, n >> 5] >> (n & 31)) & 1:
                         w = -(gi * g2[t, h, j])
-                        c1[t, i] += w
                         c2[t, j] += w
                         for m in range(M):
-                            x12[t, i, m] += b[t, j, m] * w
                             x21[t, j, m] += a[t, i, m] * w
-        # x11 = a c1 and x22 = b c2 again for the experts whose weight may have changed
-        for u in range(start1[t * H], start1[t * H + H]):
-            i = index1[u]
-            for m in range(M):
-                x11[t, i, m] = a[t, i, m] * c1[t, i]
-        for v in range(start2[t * H], start2[t * H + H]):
-            j = index2[v]
-            for m in range(M):
-                x22[t, j, m] = b[t, j, m] * c2[t, j]
+                        if side1:
+                            c1[t, i] += w
+                            for m in range(M):
+                                x12[t, i, m] += b[t, j, m] * w
+    return touched
+
+
+@_jit
+def _rescale(x, out, c, start, index, H):
+    """out[t, i] = x[t, i] c[t, i] again for the active experts of the masked tokens (the
+    rows of the others are empty), whose weight c the removal may have changed."""
+    for t in range(x.shape[0]):
+        for u in range(start[t * H], start[t * H + H]):
+            i = index[u]
+            for m in range(x.shape[2]):
+                out[t, i, m] = x[t, i, m] * c[t, i]
+
+
+@_jit
+def _remove_vd(a, b, g1, g2, table, profile, start1, index1, start2, index2,
+               x11, x12, x21, x22, c1, c2):
+    H = g1.shape[1]
+    touched = _remove_pairs(a, b, g1, g2, table, profile, start1, index1, start2, index2,
+                            x21, c2, x12, c1, True)
+    _rescale(a, x11, c1, start1, index1, H)
+    _rescale(b, x22, c2, start2, index2, H)
     return touched
 
 
 @_jit
 def _remove_hd(x, g1, g2, table, profile, start1, index1, start2, index2, out, c2):
-    T, H, E = g1.shape
-    M = x.shape[2]
-    touched = _touch_rows(table, profile, start1, index1, H, E)
-    for t in range(T):
-        p = profile[t]
-        if p < 0:
-            continue
-        for h in range(H):
-            r = t * H + h
-            for u in range(start1[r], start1[r + 1]):
-                i = index1[u]
-                gi = g1[t, h, i]
-                for v in range(start2[r], start2[r + 1]):
-                    j = index2[v]
-                    n = i * E + j
-                    if (table[p, n >> 5] >> (n & 31)) & 1:
-                        w = -(gi * g2[t, h, j])
-                        c2[t, j] += w
-                        for m in range(M):
-                            out[t, j, m] += x[t, i, m] * w
-    return touched
+    return _remove_pairs(x, x, g1, g2, table, profile, start1, index1, start2, index2,
+                         out, c2, out, c2, False)
 
 
 def _arrays(*tensors: torch.Tensor):
