@@ -19,6 +19,7 @@ from kernels.mixing import (
     mix_hd_reference,
     mix_vd,
     mix_vd_reference,
+    prepare_mixing,
 )
 from kernels.router import route, route_reference, router_sigma
 
@@ -31,6 +32,7 @@ __all__ = [
     "mix_hd_reference",
     "mix_vd",
     "mix_vd_reference",
+    "prepare_mixing",
     "route",
     "route_reference",
     "router_sigma",

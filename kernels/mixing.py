@@ -40,6 +40,7 @@ __all__ = [
     "MaskedPairs",
     "active_pairs",
     "masked_active_pairs",
+    "prepare_mixing",
 ]
 
 NO_PROFILE = -1
@@ -297,6 +298,21 @@ def _pick_impl(impl: str | None, x: torch.Tensor, *inputs: torch.Tensor) -> str:
         raise TypeError(f"the CPU mixing loops take CPU tensors of {_CPU_DTYPES}, "
                         f"got {x.device.type} {x.dtype}")
     return impl
+
+
+def prepare_mixing(device: torch.device | str, dtype: torch.dtype) -> None:
+    """Compile now what masked mixing of (device, dtype) activations will run, so that no
+    request pays for it: the CPU loops (Numba; about 2 s on a new install, 0.5 s from its
+    on-disk cache). Does nothing where the launcher picks another path."""
+    E = 4
+    x = torch.ones(2, E, 1, dtype=dtype, device=device)
+    if _pick_impl(None, x) != "cpu":
+        return
+    g = torch.full((2, 1, E), 1.0 / E, dtype=torch.float32)
+    table = torch.full((1, bitset_words(E)), -1, dtype=torch.int32)
+    profile = torch.zeros(2, dtype=torch.int64)
+    mix_vd(x, x, g, g, table, profile)
+    mix_hd(x, g, g, table, profile)
 
 
 def mix_vd(

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+import kernels
 from monet_runtime.generation import GenerationRequest, SamplingParams, stream_generate
 from monet_runtime.model import MonetForCausalLM
 
@@ -92,6 +93,7 @@ class RuntimeEngine:
         self.num_layers, self.num_experts = c.num_hidden_layers, c.moe_experts
         self.vocab_size, self.max_model_len = c.vocab_size, c.max_position_embeddings
         self.max_batch_size = max_batch_size
+        kernels.prepare_mixing(model.device, model.dtype)  # not on the first masked request
         self._pending: deque[_Job] = deque()
         self._jobs: dict[str, _Job] = {}
         self._running = 0

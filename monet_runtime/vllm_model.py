@@ -34,6 +34,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
 )
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
+import kernels
 from monet_runtime.config import MonetConfig
 from monet_runtime.model import HorizontalExperts, RMSNorm, Router, VerticalExperts
 from monet_runtime.vllm_profiles import MaskSlots, attach
@@ -201,6 +202,7 @@ class MonetForCausalLM(nn.Module):
             num_slots=int(getattr(hf_config, "monet_mask_slots", DEFAULT_MASK_SLOTS)),
             max_rows=vllm_config.scheduler_config.max_num_seqs, device=device)
         attach(self.mask_slots)
+        kernels.prepare_mixing(device, vllm_config.model_config.dtype)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)

@@ -293,6 +293,25 @@ def test_launchers_pick_the_cpu_loops_for_cpu_float32_and_float64(monkeypatch):
         kernels.mix_hd(meta(2, 16, 4), *args, impl="cpu")
 
 
+def test_prepare_mixing_compiles_the_cpu_loops_of_its_dtype_only():
+    """In a new process: float32 compiles (or loads) the float32 loops and nothing else;
+    bfloat16, which the loops do not take, compiles nothing."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, kernels, kernels.mixing_cpu as m\n"
+        "kernels.prepare_mixing('cpu', torch.bfloat16)\n"
+        "before = len(m._remove_vd.signatures) + len(m._remove_hd.signatures)\n"
+        "kernels.prepare_mixing('cpu', torch.float32)\n"
+        "print(before, [str(s[0].dtype) for f in (m._remove_vd, m._remove_hd)"
+        " for s in f.signatures])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120).stdout.split()
+    assert out == ["0", "['float32',", "'float32']"]
+
+
 def test_cpu_loops_refuse_a_profile_beyond_the_table():
     d = make_inputs(3, 2, 16, 4, torch.float32, seed=0)
     profile = torch.tensor([0, NUM_PROFILES, -1])

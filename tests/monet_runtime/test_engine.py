@@ -45,6 +45,16 @@ def test_implements_the_server_protocol(model):
     run(engine.shutdown())
 
 
+def test_the_engine_compiles_the_masked_mixing_before_any_request(model, monkeypatch):
+    import kernels
+
+    prepared = []
+    monkeypatch.setattr(kernels, "prepare_mixing", lambda *args: prepared.append(args))
+    engine = RuntimeEngine(model)
+    assert prepared == [(model.device, torch.float32)]
+    run(engine.shutdown())
+
+
 def test_concurrent_requests_with_their_own_masks(model, mask):
     """Rows batched together, each with its own mask, equal generating each alone."""
     other = ExpertMask({0: [[1, 2], [3, 4]], 3: [[0, 0]]}, num_experts=16)
