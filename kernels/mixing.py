@@ -92,7 +92,8 @@ def active_pairs(g1_THE: torch.Tensor, g2_THE: torch.Tensor, dtype: torch.dtype,
     exactly; the pair weights are kept in float32 or better. words_per_row: W of the tables.
 
     The integer work is done per side-1 entry (t, h, i), about k per head, and each pair only
-    adds its side-2 expert j to its entry's offsets."""
+    adds its side-2 expert j to its entry's offsets. Gathers are index_select, not x[idx]: half
+    the fixed cost on the small index lists of a decode step."""
     wdtype = torch.promote_types(dtype, torch.float32)
     tokens = (profile_T >= 0).nonzero().squeeze(1)
     if tokens.numel() < profile_T.numel():
@@ -101,7 +102,6 @@ def active_pairs(g1_THE: torch.Tensor, g2_THE: torch.Tensor, dtype: torch.dtype,
     g2 = g2_THE.to(dtype).to(wdtype).view(-1)
     T, H, E = g1_THE.shape
     # the nonzero entries of each side (g >= 0), flat indices into [T*H*E]: grouped by row t*H+h
-    # (index_select, not x[idx]: half the fixed cost on the small index lists of a decode step)
     flat1 = (g1 != 0).nonzero().squeeze(1)
     flat2 = (g2 != 0).nonzero().squeeze(1)
     row1, row2 = flat1 // E, flat2 // E
