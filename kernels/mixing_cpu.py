@@ -22,7 +22,7 @@ import numba
 import numpy as np
 import torch
 
-from kernels.mixing import MixHD, MixVD, mix_hd_reference, mix_vd_reference
+from kernels.mixing import MixHD, MixVD, _any_profile, mix_hd_reference, mix_vd_reference
 
 __all__ = ["mix_hd_cpu", "mix_vd_cpu"]
 
@@ -156,7 +156,7 @@ def mix_vd_cpu(a_TEM, b_TEM, g1_THE, g2_THE, mask_table_PW=None, profile_T=None,
     pairs_cache as mix_vd_reference; the launcher (kernels.mix_vd) checks the inputs."""
     T, E, _ = a_TEM.shape
     out = mix_vd_reference(a_TEM, b_TEM, g1_THE, g2_THE)
-    if profile_T is None or not bool((profile_T >= 0).any()):
+    if not _any_profile(profile_T, T):
         return out
     g1, g2, profile, entries = _masked_inputs(a_TEM, g1_THE, g2_THE, profile_T, pairs_cache)
     a, b, table = _arrays(a_TEM, b_TEM, mask_table_PW)
@@ -171,7 +171,7 @@ def mix_hd_cpu(x_TEM, g1_THE, g2_THE, mask_table_PW=None, profile_T=None,
     """mix_hd_reference's result, the masked pairs removed by a compiled loop."""
     T, E, _ = x_TEM.shape
     out = mix_hd_reference(x_TEM, g1_THE, g2_THE)
-    if profile_T is None or not bool((profile_T >= 0).any()):
+    if not _any_profile(profile_T, T):
         return out
     g1, g2, profile, entries = _masked_inputs(x_TEM, g1_THE, g2_THE, profile_T, pairs_cache)
     x, table = _arrays(x_TEM, mask_table_PW)
