@@ -2,9 +2,12 @@
 
 Attention uses vLLM's parallel layers (QKV / row-parallel projections, paged attention, its
 rotary embedding), so tensor parallelism shards the attention heads. The router and the expert
-modules are monet_runtime.model's own; under tensor parallelism every rank holds all the expert
-and router weights (replicated, no all-reduce: each rank computes the same MoE output), which
-keeps the factorised mixing over all E experts per side local to one device.
+modules are monet_runtime.model's own, with their projections swapped for vLLM's
+ReplicatedLinear: the same parameters and names, run by vLLM's linear methods (on CPU oneDNN
+with prepacked weights, 1.5-1.9x torch's F.linear at decode sizes; quantization for the expert
+projections). Under tensor parallelism every rank holds all the expert and router weights
+(replicated, no all-reduce: each rank computes the same MoE output), which keeps the
+factorised mixing over all E experts per side local to one device.
 
 Masks: MaskSlots (monet_runtime.vllm_profiles) holds the profile tables [L, P, W] in fixed
 device buffers; each forward reads the attention metadata's query_start_loc from the forward
@@ -25,7 +28,11 @@ from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.model_executor.layers.attention import Attention
-from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
+from vllm.model_executor.layers.linear import (
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+)
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import (
@@ -154,8 +161,12 @@ class MonetDecoderLayer(nn.Module):
                                         quant_config=quant_config, prefix=f"{prefix}.self_attn")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.moe = (VerticalExperts if config.vertical else HorizontalExperts)(config)
-        self.router = Router(config) if config.is_routing_layer(layer) else None
+        self.moe = _with_vllm_linears(
+            (VerticalExperts if config.vertical else HorizontalExperts)(config),
+            quant_config, f"{prefix}.moe")
+        # The router stays unquantised: its threshold decides which experts run at all.
+        self.router = (_with_vllm_linears(Router(config), None, f"{prefix}.router")
+                       if config.is_routing_layer(layer) else None)
 
     def forward(self, positions_T, x_TD, routing, mask):
         h_TD = x_TD + self.self_attn(positions_T, self.input_layernorm(x_TD))
@@ -164,6 +175,17 @@ class MonetDecoderLayer(nn.Module):
             routing = (*self.router(y_TD), {})
         g1, g2, pairs_cache = routing
         return h_TD + self.moe(y_TD, g1, g2, mask, pairs_cache), routing
+
+
+def _with_vllm_linears(module: nn.Module, quant_config, prefix: str) -> nn.Module:
+    """module with each nn.Linear child replaced by a ReplicatedLinear of the same shape and
+    parameter names that returns only its output, as nn.Linear does."""
+    for name, linear in list(module.named_children()):
+        if type(linear) is nn.Linear:
+            setattr(module, name, ReplicatedLinear(
+                linear.in_features, linear.out_features, bias=linear.bias is not None,
+                quant_config=quant_config, prefix=f"{prefix}.{name}", return_bias=False))
+    return module
 
 
 class MonetModel(nn.Module):

@@ -14,7 +14,7 @@ Shapes: L layers, P slots, W = ceil(E*E/32) bitset words, R batch rows, T tokens
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Any
 
 import torch
@@ -224,6 +224,10 @@ class MonetWorkerExtension:
         slots = _require_slots()
         return {"resident": list(slots.slot_of), "pins": list(slots.pins),
                 "installed": sorted(slots.profiles), "loads": slots.loads}
+
+    def monet_module_types(self) -> dict[str, int]:
+        """{class name: count} over the loaded model's modules: which implementations run."""
+        return dict(Counter(type(m).__name__ for m in self.get_model().modules()))
 
 
 def _require_slots() -> MaskSlots:

@@ -74,6 +74,17 @@ def test_mixed_batch_matches_runtime_alone(served):
                for p, pr, out in zip(batch, profiles, outs) if pr is not None)
 
 
+def test_router_and_expert_projections_run_on_vllm_linear_layers(served):
+    """vLLM's linear methods (oneDNN on CPU), not torch's nn.Linear, for every projection."""
+    engine, model, loop = served
+    (types,) = run(loop, engine._llm.collective_rpc("monet_module_types"))[0]
+    c = model.config
+    per_layer = 6 if c.vertical else 2  # u1 u2 v11 v12 v21 v22, or u v
+    routers = sum(map(c.is_routing_layer, range(c.num_hidden_layers)))
+    assert "Linear" not in types
+    assert types["ReplicatedLinear"] == per_layer * c.num_hidden_layers + 2 * routers
+
+
 def test_more_profiles_than_slots_are_queued_and_evicted(served):
     engine, model, loop = served
     masks = [random_mask(model.config, 0.4, 10 + n) for n in range(2 * SLOTS + 1)]
