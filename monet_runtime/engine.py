@@ -17,7 +17,7 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,6 +148,9 @@ class RuntimeEngine:
     def load(self) -> tuple[int, int]:
         with self._cond:
             return self._running, len(self._pending)
+
+    def metric_families(self) -> Iterable[Any]:
+        return ()  # the server's monet_ metrics cover this engine
 
     # ---- the worker --------------------------------------------------------------------
     def _next_batch(self) -> list[_Job] | None:
@@ -326,6 +329,9 @@ class VllmServingEngine:
 
     def load(self) -> tuple[int, int]:
         return self._engine.load()
+
+    def metric_families(self) -> Iterable[Any]:
+        return self._engine.metric_families()
 
     async def health(self) -> dict[str, Any]:
         return await self._engine.health()

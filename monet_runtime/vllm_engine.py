@@ -24,7 +24,7 @@ import itertools
 import os
 import time
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,6 +184,16 @@ class VllmEngine:
 
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)
+
+    def metric_families(self) -> Iterator[Any]:
+        """vLLM's own Prometheus metrics (`vllm:` prefix: KV-cache usage, preemptions, prefix
+        cache, iteration sizes, ...), which its stat logger keeps in prometheus_client's
+        registry of this process."""
+        from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+        for family in get_prometheus_registry().collect():
+            if family.name.startswith("vllm:"):
+                yield family
 
     def load(self) -> tuple[int, int]:
         """(running, waiting) requests: waiting for a mask slot or in vLLM's scheduler (its

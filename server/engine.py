@@ -13,7 +13,7 @@ above tokens: text, stop strings, limits, mask resolution, metrics.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -107,6 +107,11 @@ class Engine(Protocol):
 
     def load(self) -> tuple[int, int]:
         """(running, waiting) requests."""
+        ...
+
+    def metric_families(self) -> Iterable[Any]:
+        """The engine's own Prometheus metric families (prometheus_client Metric objects),
+        served next to the server's: vLLM's `vllm:` metrics; none for the runtime engine."""
         ...
 
     async def health(self) -> dict[str, Any]:

@@ -1,16 +1,19 @@
 """Prometheus metrics, `monet_` prefix, with the meanings of vLLM's `vllm:` metrics where one
 exists (time to first token, inter-token latency, end-to-end latency, queue time, running and
-waiting requests, prompt and generation tokens), plus the mask store and profile cache.
+waiting requests, prompt and generation tokens), plus the mask store and profile cache; and
+the engine's own metrics (vLLM's `vllm:` ones) next to them.
 
 Each app has its own registry, so that several apps may live in one process (tests).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
@@ -22,6 +25,14 @@ _ITL = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
 _E2E = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
         120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 _STORE = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class _EngineMetrics(Collector):
+    def __init__(self, families: Callable[[], Iterable[Metric]]):
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families()
 
 
 class Metrics:
@@ -76,9 +87,12 @@ class Metrics:
         self.store_up = Gauge("monet_mask_store_up",
                               "1 when the mask store answered its last check.", registry=r)
 
-    def watch_engine(self, load: Callable[[], tuple[int, int]]) -> None:
+    def watch_engine(self, load: Callable[[], tuple[int, int]],
+                     metric_families: Callable[[], Iterable[Metric]]) -> None:
+        """Running and waiting from the engine's load; its own metrics served next to ours."""
         self.running.set_function(lambda: load()[0])
         self.waiting.set_function(lambda: load()[1])
+        self.registry.register(_EngineMetrics(metric_families))
 
     def set_versions(self, versions: dict[str, int]) -> None:
         """Replace the per-profile versions with the store's current list."""

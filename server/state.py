@@ -60,7 +60,7 @@ class ServerState:
         resolver = MaskResolver(cache, model_identity=engine.model_identity,
                                 num_layers=engine.num_layers, num_experts=engine.num_experts,
                                 default=default, metrics=metrics)
-        metrics.watch_engine(engine.load)
+        metrics.watch_engine(engine.load, engine.metric_families)
         # ProfileCache has no public size yet; its entries dict is the truth.
         metrics.cache_size.set_function(lambda: len(getattr(cache, "_latest", ())))
         jobs = JobManager()

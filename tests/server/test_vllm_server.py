@@ -61,6 +61,10 @@ def test_masked_generation_on_vllm(vllm_server, fixture_mask, golden):
     # the three generations reported their queue time (vLLM's scheduler timestamps)
     assert metrics["monet_request_queue_time_seconds_count"] == 3
     assert metrics["monet_num_requests_running"] == metrics["monet_num_requests_waiting"] == 0
+    # vLLM's own metrics are served next to ours: the three generations' tokens, the KV cache
+    assert metrics["vllm:generation_tokens_total"] >= 3 * n
+    assert metrics["vllm:num_requests_running"] == 0
+    assert "vllm:kv_cache_usage_perc" in metrics
 
 
 @pytest.mark.slow
