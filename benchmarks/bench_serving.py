@@ -14,9 +14,10 @@ output token (mean over requests), of the median of `--repeat` interleaved runs 
 
     .venv-vllm/bin/python benchmarks/bench_serving.py [--checkpoint DIR] [-n 32]
 
-For scale: on CPU a decode step of a small model is bound by per-step overhead and by the
-per-token expert work, the same arithmetic on both engines, so at one batch of equal requests
-the engines can only tie; what vLLM adds is scheduling (no padding, no waiting for a batch).
+For scale: on CPU a decode step of this model is bound by its matrix products (router and
+expert projections), the same arithmetic on both engines, so at one batch of equal requests
+vLLM gains only what its linear layers (oneDNN, prepacked weights) gain over torch's; on the
+stream it adds scheduling (no padding, no waiting for a batch).
 """
 
 from __future__ import annotations
