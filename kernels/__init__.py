@@ -2,8 +2,8 @@
 
 Each operation has a plain-torch reference, Triton kernels for CUDA and a launcher that checks
 its inputs and picks one (`impl=` forces a choice; on a CPU the Triton kernels then need
-TRITON_INTERPRET=1). Masked mixing also has compiled CPU loops (Numba) for the masked pairs,
-the launcher's pick for CPU float32/float64. Only torch, triton and numba are imported.
+TRITON_INTERPRET=1). Mixing also has compiled CPU loops (Numba) over the router's nonzero
+entries, the launcher's pick for CPU float32/float64. Only torch, triton and numba are imported.
 """
 
 from __future__ import annotations

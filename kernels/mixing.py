@@ -301,8 +301,8 @@ def _pick_impl(impl: str | None, x: torch.Tensor, *inputs: torch.Tensor) -> str:
 
 
 def prepare_mixing(device: torch.device | str, dtype: torch.dtype) -> None:
-    """Compile now what masked mixing of (device, dtype) activations will run, so that no
-    request pays for it: the CPU loops (Numba; about 2 s on a new install, 0.5 s from its
+    """Compile now what mixing of (device, dtype) activations will run, so that no request
+    pays for it: the CPU loops (Numba; about 2 s on a new install, 0.5 s from its
     on-disk cache). Does nothing where the launcher picks another path."""
     E = 4
     x = torch.ones(2, E, 1, dtype=dtype, device=device)

@@ -1,19 +1,22 @@
-"""Masked expert mixing on the CPU: the masked pairs' removal as compiled loops (Numba).
+"""Expert mixing on the CPU as compiled loops (Numba) over the router's nonzero entries.
 
-The plain-torch reference (kernels.mixing) finds a masked token's active pairs with some 80
-small tensor ops per routing group; at a decode step (tens of tokens) their fixed cost, not
-the arithmetic, is most of what a mask costs. Here the unmasked, factorised outputs come from
-the reference and the removal is two compiled loops:
+A token's router weights are sparse: about k of the E experts per head pass the threshold. The
+reference (kernels.mixing) computes the factorised sums with batched matrix products over all
+E experts, and a masked token's pairs with some 80 small tensor ops; at a decode step (tens of
+tokens) their fixed cost is most of the layer's mixing. Here:
 
 - `_row_entries`, once per routing group (pairs_cache): the nonzero entries of each (t, h)
-  router row of the masked tokens, as CSR lists;
-- `_remove_pairs` (through `_remove_vd` / `_remove_hd`), per layer: for each masked token and
-  head, every pair of its side-1 and side-2 entries is looked up in the token's bitset row,
-  and a masked one removes w = g1[h,i] g2[h,j] of its terms, in the reference's order and
-  arithmetic (the outputs are bitwise the reference's).
+  router row, as CSR lists;
+- `_mix_pairs` (through `_mix_vd` / `_mix_hd`), per layer and token: the factorised sums over
+  those entries only (per head, A = sum_i g1[h,i] a_i, then x21[j] += g2[h,j] A and c2[j] +=
+  g2[h,j]; VD also the mirror image into x12 and c1), then, for a masked token, every pair of
+  a head's side-1 and side-2 entries is looked up in the token's bitset row, and a masked one
+  removes w = g1[h,i] g2[h,j] of its terms, as the reference does;
+- `_rescale`: x11 = a c1 and x22 = b c2 at the active experts (zero elsewhere).
 
-float32 and float64 activations (other dtypes take the reference). The loops are serial (torch
-keeps the threads busy around them) and release the GIL.
+The outputs equal the reference's up to the order of the sums (tested against it and against
+the naive E x E oracle). float32 and float64 activations (other dtypes take the reference).
+The loops are serial and release the GIL.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numba
 import numpy as np
 import torch
 
-from kernels.mixing import MixHD, MixVD, _any_profile, mix_hd_reference, mix_vd_reference
+from kernels.mixing import MixHD, MixVD, _any_profile
 
 __all__ = ["mix_hd_cpu", "mix_vd_cpu"]
 
@@ -30,20 +33,19 @@ _jit = numba.njit(cache=True, nogil=True)
 
 
 @_jit
-def _row_entries(g_THE, profile_T):
+def _row_entries(g_THE):
     """(start [T*H+1], index): row r = t*H + h lists the experts i with g[t,h,i] != 0 at
-    index[start[r]:start[r+1]]; the rows of unmasked tokens are empty."""
+    index[start[r]:start[r+1]]."""
     T, H, E = g_THE.shape
     start = np.zeros(T * H + 1, np.int64)
     index = np.empty(T * H * E, np.int32)  # only the used prefix is ever touched
     n = 0
     for t in range(T):
         for h in range(H):
-            if profile_T[t] >= 0:
-                for i in range(E):
-                    if g_THE[t, h, i] != 0:
-                        index[n] = i
-                        n += 1
+            for i in range(E):
+                if g_THE[t, h, i] != 0:
+                    index[n] = i
+                    n += 1
             start[t * H + h + 1] = n
     return start, index[:n]
 
@@ -67,16 +69,41 @@ def _touch_rows(table, profile, start1, index1, H, E):
 
 
 @_jit
-def _remove_pairs(a, b, g1, g2, table, profile, start1, index1, start2, index2,
-                  x21, c2, x12, c1, side1):
-    """For each masked token and head, look every pair (i, j) of its entries up in the
-    token's table row; a masked one removes w = g1[h,i] g2[h,j]: x21[t, j] -= w a[t, i] and
-    c2[t, j] -= w, and with side1 also x12[t, i] -= w b[t, j] and c1[t, i] -= w. The order
-    and arithmetic are the reference's (its pair lists run t, h, i, j)."""
+def _mix_pairs(a, b, g1, g2, table, profile, start1, index1, start2, index2,
+               x21, c2, x12, c1, side1):
+    """Into zeroed outputs, per token: the factorised sums over the token's entries, x21[t, j]
+    = sum_h g2[h,j] sum_i g1[h,i] a[t, i] and c2[t, j] = sum_h g2[h,j] (with side1 also x12 and
+    c1, the mirror image); then for a masked token each pair (i, j) of a head's entries is
+    looked up in its table row, and a masked one removes w = g1[h,i] g2[h,j]: x21[t, j] -= w
+    a[t, i] and c2[t, j] -= w, with side1 also x12[t, i] -= w b[t, j] and c1[t, i] -= w."""
     T, H, E = g1.shape
     M = a.shape[2]
     touched = _touch_rows(table, profile, start1, index1, H, E)
+    acc = np.empty(M, a.dtype)
     for t in range(T):
+        for h in range(H):
+            r = t * H + h
+            acc[:] = 0
+            for u in range(start1[r], start1[r + 1]):
+                i = index1[u]
+                for m in range(M):
+                    acc[m] += g1[t, h, i] * a[t, i, m]
+            for v in range(start2[r], start2[r + 1]):
+                j = index2[v]
+                c2[t, j] += g2[t, h, j]
+                for m in range(M):
+                    x21[t, j, m] += g2[t, h, j] * acc[m]
+            if side1:
+                acc[:] = 0
+                for v in range(start2[r], start2[r + 1]):
+                    j = index2[v]
+                    for m in range(M):
+                        acc[m] += g2[t, h, j] * b[t, j, m]
+                for u in range(start1[r], start1[r + 1]):
+                    i = index1[u]
+                    c1[t, i] += g1[t, h, i]
+                    for m in range(M):
+                        x12[t, i, m] += g1[t, h, i] * acc[m]
         p = profile[t]
         if p < 0:
             continue
@@ -102,8 +129,8 @@ def _remove_pairs(a, b, g1, g2, table, profile, start1, index1, start2, index2,
 
 @_jit
 def _rescale(x, out, c, start, index, H):
-    """out[t, i] = x[t, i] c[t, i] again for the active experts of the masked tokens (the
-    rows of the others are empty), whose weight c the removal may have changed."""
+    """out[t, i] = x[t, i] c[t, i]: at the active experts i of each token, zero elsewhere
+    (where c is zero)."""
     for t in range(x.shape[0]):
         for u in range(start[t * H], start[t * H + H]):
             i = index[u]
@@ -112,68 +139,76 @@ def _rescale(x, out, c, start, index, H):
 
 
 @_jit
-def _remove_vd(a, b, g1, g2, table, profile, start1, index1, start2, index2,
-               x11, x12, x21, x22, c1, c2):
+def _mix_vd(a, b, g1, g2, table, profile, start1, index1, start2, index2,
+            x11, x12, x21, x22, c1, c2):
     H = g1.shape[1]
-    touched = _remove_pairs(a, b, g1, g2, table, profile, start1, index1, start2, index2,
-                            x21, c2, x12, c1, True)
+    touched = _mix_pairs(a, b, g1, g2, table, profile, start1, index1, start2, index2,
+                         x21, c2, x12, c1, True)
     _rescale(a, x11, c1, start1, index1, H)
     _rescale(b, x22, c2, start2, index2, H)
     return touched
 
 
 @_jit
-def _remove_hd(x, g1, g2, table, profile, start1, index1, start2, index2, out, c2):
-    return _remove_pairs(x, x, g1, g2, table, profile, start1, index1, start2, index2,
-                         out, c2, out, c2, False)
+def _mix_hd(x, g1, g2, table, profile, start1, index1, start2, index2, out, c2):
+    return _mix_pairs(x, x, g1, g2, table, profile, start1, index1, start2, index2,
+                      out, c2, out, c2, False)
 
 
 def _arrays(*tensors: torch.Tensor):
     return [t.detach().contiguous().numpy() for t in tensors]
 
 
-def _masked_inputs(x_TEM, g1_THE, g2_THE, profile_T, pairs_cache):
-    """g rounded to the activations' dtype (as the reference's weights), the profile and the
-    routing group's active entries (from pairs_cache when a layer of the group found them)."""
-    g1, g2, profile = _arrays(g1_THE.to(x_TEM.dtype), g2_THE.to(x_TEM.dtype), profile_T.long())
-    key = ("cpu", x_TEM.dtype)
-    if pairs_cache is not None and key in pairs_cache:
-        return g1, g2, profile, pairs_cache[key]
-    entries = (*_row_entries(g1, profile), *_row_entries(g2, profile))
-    if pairs_cache is not None:
-        pairs_cache[key] = entries
-    return g1, g2, profile, entries
+_NO_TABLE = np.zeros((1, 1), np.int32)
 
 
-def _view_TEM(out: torch.Tensor, T: int, E: int) -> np.ndarray:
-    assert out.is_contiguous()
-    return out.view(T, E, -1).numpy()
+def _inputs(x_TEM, g1_THE, g2_THE, table_PW, profile_T, pairs_cache):
+    """g rounded to the activations' dtype (as the reference's weights), the table and
+    profile (every token unmasked when none) and the routing group's entries (from
+    pairs_cache when a layer of the group found them)."""
+    T, dtype = x_TEM.shape[0], x_TEM.dtype
+    g1, g2 = _arrays(g1_THE.to(dtype), g2_THE.to(dtype))
+    if _any_profile(profile_T, T):
+        table, profile = _arrays(table_PW, profile_T.long())
+    else:
+        table, profile = _NO_TABLE, np.full(T, -1, np.int64)
+    key = ("cpu", dtype)
+    entries = pairs_cache.get(key) if pairs_cache is not None else None
+    if entries is None:
+        entries = (*_row_entries(g1), *_row_entries(g2))
+        if pairs_cache is not None:
+            pairs_cache[key] = entries
+    return g1, g2, table, profile, entries
+
+
+def _zeros(shape, like: torch.Tensor) -> torch.Tensor:
+    # torch's fill (threaded); zeroing each token's rows in the loops instead measured slower
+    # beyond a few hundred tokens
+    return torch.zeros(shape, dtype=like.dtype)
 
 
 def mix_vd_cpu(a_TEM, b_TEM, g1_THE, g2_THE, mask_table_PW=None, profile_T=None,
                pairs_cache=None) -> MixVD:
-    """mix_vd_reference's result, the masked pairs removed by compiled loops. Shapes and
-    pairs_cache as mix_vd_reference; the launcher (kernels.mix_vd) checks the inputs."""
-    T, E, _ = a_TEM.shape
-    out = mix_vd_reference(a_TEM, b_TEM, g1_THE, g2_THE)
-    if not _any_profile(profile_T, T):
-        return out
-    g1, g2, profile, entries = _masked_inputs(a_TEM, g1_THE, g2_THE, profile_T, pairs_cache)
-    a, b, table = _arrays(a_TEM, b_TEM, mask_table_PW)
-    _remove_vd(a, b, g1, g2, table, profile, *entries,
-               *(_view_TEM(x, T, E) for x in (out.x11, out.x12, out.x21, out.x22)),
-               out.c1.numpy(), out.c2.numpy())
-    return out
+    """mix_vd_reference's outputs (up to the order of the sums). Shapes and pairs_cache as
+    mix_vd_reference; the launcher (kernels.mix_vd) checks the inputs."""
+    T, E, M = a_TEM.shape
+    g1, g2, table, profile, entries = _inputs(a_TEM, g1_THE, g2_THE, mask_table_PW, profile_T,
+                                              pairs_cache)
+    x11, x12, x21, x22 = (_zeros((T, E, M), a_TEM) for _ in range(4))
+    c1, c2 = _zeros((T, E), a_TEM), _zeros((T, E), a_TEM)
+    a, b = _arrays(a_TEM, b_TEM)
+    _mix_vd(a, b, g1, g2, table, profile, *entries,
+            *(x.numpy() for x in (x11, x12, x21, x22, c1, c2)))
+    return MixVD(*(x.view(T, E * M) for x in (x11, x12, x21, x22)), c1, c2)
 
 
 def mix_hd_cpu(x_TEM, g1_THE, g2_THE, mask_table_PW=None, profile_T=None,
                pairs_cache=None) -> MixHD:
-    """mix_hd_reference's result, the masked pairs removed by a compiled loop."""
-    T, E, _ = x_TEM.shape
-    out = mix_hd_reference(x_TEM, g1_THE, g2_THE)
-    if not _any_profile(profile_T, T):
-        return out
-    g1, g2, profile, entries = _masked_inputs(x_TEM, g1_THE, g2_THE, profile_T, pairs_cache)
-    x, table = _arrays(x_TEM, mask_table_PW)
-    _remove_hd(x, g1, g2, table, profile, *entries, _view_TEM(out.x, T, E), out.c2.numpy())
-    return out
+    """mix_hd_reference's outputs (up to the order of the sums)."""
+    T, E, M = x_TEM.shape
+    g1, g2, table, profile, entries = _inputs(x_TEM, g1_THE, g2_THE, mask_table_PW, profile_T,
+                                              pairs_cache)
+    out, c2 = _zeros((T, E, M), x_TEM), _zeros((T, E), x_TEM)
+    (x,) = _arrays(x_TEM)
+    _mix_hd(x, g1, g2, table, profile, *entries, out.numpy(), c2.numpy())
+    return MixHD(out.view(T, E * M), c2)
