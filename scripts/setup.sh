@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
-# Set up monet-serve on a fresh machine: system packages (redis-server, when root and apt is
-# there), a virtualenv in .venv with the CPU build of PyTorch 2.13.0, Triton (its interpreter
-# runs the kernel tests on the CPU) and the project with its dev extra. Idempotent.
+# Set up monet-serve on a fresh machine: system packages (redis-server and tcmalloc, when root
+# and apt are there), a virtualenv in .venv with the CPU build of PyTorch 2.13.0, Triton (its
+# interpreter runs the kernel tests on the CPU) and the project with its dev extra. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v redis-server >/dev/null 2>&1; then
+PYTHON=${PYTHON:-python3}
+# System packages: redis-server (the tests start their own) and tcmalloc (the vLLM engine
+# preloads it into its engine core on CPU: about 7% more throughput).
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+"$PYTHON" -c "import ctypes.util, sys; sys.exit(not ctypes.util.find_library('tcmalloc_minimal'))" \
+    || missing+=(libtcmalloc-minimal4)
+if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
     else
-        echo "setup: redis-server is missing (tests need it): install it with your package manager" >&2
+        echo "setup: missing ${missing[*]}: install with your package manager" >&2
     fi
 fi
 
-PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 find_links=()
 [ -d /opt/wheels ] && find_links=(--find-links /opt/wheels)

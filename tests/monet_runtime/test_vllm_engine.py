@@ -7,11 +7,16 @@ Runs where vLLM is importable (.venv-vllm; test_vllm_ci.py runs it from the main
 from __future__ import annotations
 
 import asyncio
+import ctypes.util
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 pytest.importorskip("vllm")
+
+import psutil  # noqa: E402  (a vLLM dependency)
 
 from monet_runtime import (  # noqa: E402
     GenerationRequest,
@@ -24,6 +29,7 @@ from monet_runtime.vllm_engine import MaskProfileRef, VllmEngine  # noqa: E402
 
 pytestmark = pytest.mark.slow
 SLOTS = 4
+LD_PRELOAD = os.environ.get("LD_PRELOAD")  # before any engine starts
 GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
 
 
@@ -83,6 +89,17 @@ def test_router_and_expert_projections_run_on_vllm_linear_layers(served):
     routers = sum(map(c.is_routing_layer, range(c.num_hidden_layers)))
     assert "Linear" not in types
     assert types["ReplicatedLinear"] == per_layer * c.num_hidden_layers + 2 * routers
+
+
+@pytest.mark.skipif(ctypes.util.find_library("tcmalloc_minimal") is None,
+                    reason="tcmalloc is not installed (scripts/setup.sh installs it)")
+def test_the_engine_core_runs_on_tcmalloc(served):
+    """The engine's own processes map tcmalloc; this process's environment is as it was."""
+    children = psutil.Process().children(recursive=True)
+    on_tcmalloc = [p.name() for p in children
+                   if "tcmalloc" in Path(f"/proc/{p.pid}/maps").read_text()]
+    assert any("EngineCore" in name for name in on_tcmalloc), on_tcmalloc
+    assert os.environ.get("LD_PRELOAD") == LD_PRELOAD
 
 
 def test_more_profiles_than_slots_are_queued_and_evicted(served):
