@@ -1,5 +1,6 @@
 """Serving benchmark: the vLLM engine (no masks, one profile, 8 profiles mixed) and the runtime
-engine, both through the server's engine interface (server.engine.EngineRequest), greedy.
+engine (batched, and one request at a time: the runtime's generate without batching), all
+through the server's engine interface (server.engine.EngineRequest), greedy.
 
 Two workloads, the same requests for every engine:
 - burst: N requests arrive at once, one prompt length, one output length (eos ignored): the
@@ -84,7 +85,7 @@ async def run(engine, workload: Workload, masks: list[MaskSpec | None]) -> dict[
 
 
 def report(workload: str, case: str, f: dict[str, float]) -> None:
-    print(f"{workload:<7} {case:<24} {f['tok/s']:8.1f} tok/s   TTFT {1e3 * f['ttft']:7.1f} ms"
+    print(f"{workload:<7} {case:<30} {f['tok/s']:8.1f} tok/s   TTFT {1e3 * f['ttft']:7.1f} ms"
           f"   TPOT {1e3 * f['tpot']:6.2f} ms   ({f['tokens']} tokens, {f['wall']:.1f} s)",
           flush=True)
 
@@ -115,11 +116,11 @@ async def main(args):
 
     figures: dict[tuple[str, str], float] = {}
 
-    async def measure(engine, name: str, case_names) -> None:
+    async def measure(engine, name: str, case_names, repeat: int = args.repeat) -> None:
         """Every case `repeat` times, interleaved (drift hits all alike); the median run."""
         for workload in loads:
             runs: dict[str, list[dict]] = {case: [] for case in case_names}
-            for _ in range(args.repeat):
+            for _ in range(repeat):
                 for case in case_names:
                     runs[case].append(await run(engine, workload, cases[case]))
             for case, results in runs.items():
@@ -135,6 +136,11 @@ async def main(args):
     engine = RuntimeEngine(model, max_batch_size=args.n)
     await measure(engine, "runtime", ["no masks", "8 profiles mixed"])
     await engine.shutdown()
+    # the runtime's generate one request at a time (no batching): one run, its spread is small
+    # next to its distance from the others
+    engine = RuntimeEngine(model, max_batch_size=1)
+    await measure(engine, "runtime one at a time", ["no masks"], repeat=1)
+    await engine.shutdown()
 
     def ratio(workload: str, a: str, b: str) -> float:
         return figures[workload, a] / figures[workload, b]
@@ -144,7 +150,8 @@ async def main(args):
               f"{ratio(w, 'vllm 8 profiles mixed', 'vllm no masks'):.2f} (target >= 0.90); "
               f"vLLM / runtime: unmasked {ratio(w, 'vllm no masks', 'runtime no masks'):.2f}, "
               f"mixed {ratio(w, 'vllm 8 profiles mixed', 'runtime 8 profiles mixed'):.2f}"
-              " (target >= 3)")
+              " (target >= 3); against one request at a time "
+              f"{ratio(w, 'vllm no masks', 'runtime one at a time no masks'):.1f}")
 
 
 if __name__ == "__main__":
