@@ -69,6 +69,23 @@ def _touch_rows(table, profile, start1, index1, H, E):
 
 
 @_jit
+def _mix_through(x, g_src, start_src, index_src, g_dst, start_dst, index_dst, out, c, t, h, r,
+                 acc):
+    """Head h of token t (row r of the entries), one side into the other: A = sum_s g_src[s]
+    x[t, s], then out[t, d] += g_dst[d] A and c[t, d] += g_dst[d] at the destination entries."""
+    acc[:] = 0
+    for u in range(start_src[r], start_src[r + 1]):
+        s = index_src[u]
+        for m in range(acc.shape[0]):
+            acc[m] += g_src[t, h, s] * x[t, s, m]
+    for v in range(start_dst[r], start_dst[r + 1]):
+        d = index_dst[v]
+        c[t, d] += g_dst[t, h, d]
+        for m in range(acc.shape[0]):
+            out[t, d, m] += g_dst[t, h, d] * acc[m]
+
+
+@_jit
 def _mix_pairs(a, b, g1, g2, table, profile, start1, index1, start2, index2,
                x21, c2, x12, c1, side1):
     """Into zeroed outputs, per token: the factorised sums over the token's entries, x21[t, j]
@@ -83,27 +100,9 @@ def _mix_pairs(a, b, g1, g2, table, profile, start1, index1, start2, index2,
     for t in range(T):
         for h in range(H):
             r = t * H + h
-            acc[:] = 0
-            for u in range(start1[r], start1[r + 1]):
-                i = index1[u]
-                for m in range(M):
-                    acc[m] += g1[t, h, i] * a[t, i, m]
-            for v in range(start2[r], start2[r + 1]):
-                j = index2[v]
-                c2[t, j] += g2[t, h, j]
-                for m in range(M):
-                    x21[t, j, m] += g2[t, h, j] * acc[m]
+            _mix_through(a, g1, start1, index1, g2, start2, index2, x21, c2, t, h, r, acc)
             if side1:
-                acc[:] = 0
-                for v in range(start2[r], start2[r + 1]):
-                    j = index2[v]
-                    for m in range(M):
-                        acc[m] += g2[t, h, j] * b[t, j, m]
-                for u in range(start1[r], start1[r + 1]):
-                    i = index1[u]
-                    c1[t, i] += g1[t, h, i]
-                    for m in range(M):
-                        x12[t, i, m] += g1[t, h, i] * acc[m]
+                _mix_through(b, g2, start2, index2, g1, start1, index1, x12, c1, t, h, r, acc)
         p = profile[t]
         if p < 0:
             continue
