@@ -13,7 +13,7 @@ Two workloads, the same requests for every engine:
 Reports output throughput (tokens/s over the wall time), time to first token and time per
 output token (mean over requests), of the median of `--repeat` interleaved runs per case.
 
-    .venv-vllm/bin/python benchmarks/bench_serving.py [--checkpoint DIR] [-n 32]
+    .venv/bin/python benchmarks/bench_serving.py [--checkpoint DIR] [-n 32]
 
 For scale: on CPU a decode step of this model is bound by its matrix products (router and
 expert projections), the same arithmetic on both engines, so at one batch of equal requests

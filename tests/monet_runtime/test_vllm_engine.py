@@ -1,7 +1,7 @@
 """The real vLLM engine (CPU build) serving MONET with per-request mask profiles.
 
 Ground truth: monet_runtime generating each request alone with its mask (float32, greedy).
-Runs where vLLM is importable (.venv-vllm; test_vllm_ci.py runs it from the main venv).
+Runs in the one environment scripts/setup.sh makes (vLLM installed).
 """
 
 from __future__ import annotations

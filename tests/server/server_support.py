@@ -29,8 +29,10 @@ class ServerProcess:
         self.url = f"http://{host}:{self.port}"
         self.log_path = tmp / f"server-{self.port}.log"
         self.args = ["--port", str(self.port), *args]
+        # The runtime engine unless a test asks for vLLM (--engine vllm; `monet serve`'s own
+        # default is vLLM where it is installed).
         self.env = {**os.environ, "MONET_STORE_DIR": str(tmp / "store"), "MONET_THREADS": "1",
-                    **env}
+                    "MONET_ENGINE": "runtime", **env}
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 120) -> ServerProcess:
