@@ -8,34 +8,35 @@ capture and generation.
     ids = model.generate(input_ids, max_new_tokens=20, mask=mask, do_sample=False)
 """
 
-from monet_runtime.config import ConfigError, MonetConfig
-from monet_runtime.expert_mask import ExpertMask, MaskError
-from monet_runtime.generation import (
-    Generation,
-    GenerationRequest,
-    SamplingParams,
-    generate_batch,
-    stream_generate,
-)
-from monet_runtime.loading import CheckpointError, load_model, model_identity, save_checkpoint
-from monet_runtime.model import KVCache, MaskBatch, MonetForCausalLM, MonetOutput
+import importlib
 
-__all__ = [
-    "CheckpointError",
-    "ConfigError",
-    "ExpertMask",
-    "Generation",
-    "GenerationRequest",
-    "KVCache",
-    "MaskBatch",
-    "MaskError",
-    "MonetConfig",
-    "MonetForCausalLM",
-    "MonetOutput",
-    "SamplingParams",
-    "generate_batch",
-    "load_model",
-    "model_identity",
-    "save_checkpoint",
-    "stream_generate",
-]
+# Loaded on first use (PEP 562): `import monet_runtime.expert_mask` (what the mask schema, and so
+# the server, needs) must not pull torch in through the model.
+_EXPORTS = {
+    "ConfigError": "monet_runtime.config",
+    "MonetConfig": "monet_runtime.config",
+    "ExpertMask": "monet_runtime.expert_mask",
+    "MaskError": "monet_runtime.expert_mask",
+    "Generation": "monet_runtime.generation",
+    "GenerationRequest": "monet_runtime.generation",
+    "SamplingParams": "monet_runtime.generation",
+    "generate_batch": "monet_runtime.generation",
+    "stream_generate": "monet_runtime.generation",
+    "CheckpointError": "monet_runtime.loading",
+    "load_model": "monet_runtime.loading",
+    "model_identity": "monet_runtime.loading",
+    "save_checkpoint": "monet_runtime.loading",
+    "KVCache": "monet_runtime.model",
+    "MaskBatch": "monet_runtime.model",
+    "MonetForCausalLM": "monet_runtime.model",
+    "MonetOutput": "monet_runtime.model",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'monet_runtime' has no attribute {name!r}")
+
+
+__all__ = sorted(_EXPORTS)

@@ -15,10 +15,12 @@ import struct
 import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch only for the kernel form: the server reads masks without it
+    import torch
 
 __all__ = ["ExpertMask", "MaskError"]
 
@@ -50,7 +52,7 @@ class ExpertMask:
         """layers: {layer: [[i, j], ...] or an int array [N, 2]}. num_experts (E) when known."""
         self._layers: dict[int, np.ndarray] = {}
         self.num_experts = num_experts
-        self._table_cache: dict[tuple, torch.Tensor] = {}
+        self._table_cache: dict[tuple, torch.Tensor] = {}  # to_table's, by (L, E)
         for layer, experts in (layers or {}).items():
             if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or layer < 0:
                 raise MaskError(f"layer must be a non-negative integer, got {layer!r}")
@@ -272,6 +274,8 @@ class ExpertMask:
 
         Cached: masks are immutable.
         """
+        import torch
+
         key = (num_layers, num_experts)
         table = self._table_cache.get(key)
         if table is None:

@@ -1,6 +1,8 @@
 """Imports go one way: kernels <- monet_runtime <- masks <- server; monet_cli composes them."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,3 +39,16 @@ def test_imports_go_one_way(package):
         str(f.relative_to(ROOT)): sorted(imported_modules(f) & FORBIDDEN[package]) for f in files
     }
     assert {f: bad for f, bad in offenders.items() if bad} == {}
+
+
+@pytest.mark.parametrize("module", ["server.main", "masks.store", "masks.cache", "masks.schema"])
+def test_the_server_and_the_mask_store_load_no_torch(module):
+    """The static check above sees direct imports only; this one follows every import chain
+    (masks.schema -> monet_runtime.expert_mask once pulled the whole runtime in)."""
+    code = (f"import sys, {module}\n"
+            "heavy = sorted(m for m in ('torch', 'triton', 'numba', 'vllm', 'kernels')"
+            " if m in sys.modules)\n"
+            "assert not heavy, heavy")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
