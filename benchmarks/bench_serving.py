@@ -91,7 +91,7 @@ def report(workload: str, case: str, f: dict[str, float]) -> None:
 
 
 async def main(args):
-    from monet_runtime import load_model
+    from monet_runtime import MonetConfig, load_model
     from monet_runtime.engine import RuntimeEngine, VllmServingEngine
     from monet_runtime.testing import make_random_checkpoint, random_mask
 
@@ -101,8 +101,10 @@ async def main(args):
                                       moe_topk=8, hidden_size=256, num_attention_heads=8,
                                       num_key_value_heads=8, num_hidden_layers=4, moe_heads=4,
                                       moe_groups=2, max_position_embeddings=512)
-    model = load_model(path)
-    config = model.config
+    dtype = getattr(torch, args.dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(path, dtype=dtype, device=device) if "runtime" in args.engines else None
+    config = model.config if model is not None else MonetConfig.from_file(path)
     loads = workloads(args.n, config.vocab_size, args.prompt_len, args.output_len)
     profiles = [MaskSpec(f"bench{k}@1", random_mask(config, args.mask_fraction, k))
                 for k in range(8)]
@@ -128,19 +130,24 @@ async def main(args):
                 figures[workload.name, f"{name} {case}"] = f["tok/s"]
                 report(workload.name, f"{name} {case}", f)
 
-    engine = VllmServingEngine(path, mask_slots=8, max_num_seqs=max(args.n, 8),
-                               kv_cache_bytes=256 << 20, enable_prefix_caching=False)
-    await run(engine, Workload("warm-up", 8, loads[0].requests[:8]), profiles)
-    await measure(engine, "vllm", list(cases))
-    await engine.shutdown()
-    engine = RuntimeEngine(model, max_batch_size=args.n)
-    await measure(engine, "runtime", ["no masks", "8 profiles mixed"])
-    await engine.shutdown()
-    # the runtime's generate one request at a time (no batching): one run, its spread is small
-    # next to its distance from the others
-    engine = RuntimeEngine(model, max_batch_size=1)
-    await measure(engine, "runtime one at a time", ["no masks"], repeat=1)
-    await engine.shutdown()
+    if "vllm" in args.engines:
+        engine = VllmServingEngine(path, dtype=args.dtype, mask_slots=8,
+                                   max_num_seqs=max(args.n, 8), kv_cache_bytes=256 << 20,
+                                   enable_prefix_caching=False, enforce_eager=not args.compiled)
+        await run(engine, Workload("warm-up", 8, loads[0].requests[:8]), profiles)
+        await measure(engine, "vllm", list(cases))
+        await engine.shutdown()
+    if "runtime" in args.engines:
+        engine = RuntimeEngine(model, max_batch_size=args.n)
+        await measure(engine, "runtime", ["no masks", "8 profiles mixed"])
+        await engine.shutdown()
+        # the runtime's generate one request at a time (no batching): one run, its spread is
+        # small next to its distance from the others
+        engine = RuntimeEngine(model, max_batch_size=1)
+        await measure(engine, "runtime one at a time", ["no masks"], repeat=1)
+        await engine.shutdown()
+    if set(args.engines) != {"vllm", "runtime"}:
+        return
 
     def ratio(workload: str, a: str, b: str) -> float:
         return figures[workload, a] / figures[workload, b]
@@ -164,4 +171,9 @@ if __name__ == "__main__":
                         help="share of composite experts each profile removes (paper: ~2%%)")
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs per case; the median (by throughput) is reported")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--engines", nargs="+", choices=["vllm", "runtime"],
+                        default=["vllm", "runtime"], help="the ratios need both")
+    parser.add_argument("--compiled", action="store_true",
+                        help="vLLM with torch.compile and CUDA graphs (default: eager)")
     asyncio.run(main(parser.parse_args()))

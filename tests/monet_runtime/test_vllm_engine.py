@@ -34,6 +34,8 @@ pytestmark = pytest.mark.slow
 SLOTS = 4
 LD_PRELOAD = os.environ.get("LD_PRELOAD")  # before any engine starts
 GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
+# scripts/gpu_check.sh sets this: vLLM with torch.compile and CUDA graphs, as served on a GPU
+COMPILED = os.environ.get("MONET_TEST_VLLM_COMPILED") == "1"
 
 
 @pytest.fixture(scope="module", params=["fixture", "random512"])
@@ -45,7 +47,8 @@ def served(request, tiny_fixture, tmp_path_factory):
         path = make_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "m", seed=3,
                                       moe_experts=512, moe_topk=8)
     loop = asyncio.new_event_loop()
-    engine = VllmEngine(path, mask_slots=SLOTS, max_num_seqs=16, kv_cache_bytes=64 << 20)
+    engine = VllmEngine(path, mask_slots=SLOTS, max_num_seqs=16, kv_cache_bytes=64 << 20,
+                        enforce_eager=not COMPILED)
     yield engine, load_model(path), loop
     engine.shutdown()
     for task in asyncio.all_tasks(loop):  # the engine's output handler
