@@ -152,3 +152,98 @@ def test_local_store_wiped_under_two_servers(on_local, answers, fixture_mask):
         took = max(until(lambda c=c: tokens(c, answers, name) == answers["masked"],
                          "the new mask") for c in (ca, cb))
     print(f"local store wiped: both servers serve the new mask after {took:.2f} s")
+
+
+# ---- corruption: one bad record fails its profile only; the watch outlives anything ----------
+def test_redis_value_corrupt_fails_that_profile_only(on_redis, rdb_redis, answers,
+                                                     fixture_mask):
+    good, bad = unique("good"), unique("bad")
+    admin = redis.Redis.from_url(rdb_redis.url)
+    with client(on_redis, ADMIN_KEY) as c:
+        for name in (good, bad):
+            assert c.put(f"/masks/{name}", json={"layers": fixture_mask["layers"]}).is_success
+        admin.set(f"monet:masks:blob:{bad}:1", b"garbage")
+        admin.hset("monet:masks:summaries", bad, b"1 {truncated")
+        r = generate(c, answers, bad)
+        assert r.status_code == 503 and bad in r.json()["error"]["message"], r.text
+        assert "corrupt" in r.json()["error"]["message"]
+        assert tokens(c, answers, good) == answers["masked"]
+        listed = c.get("/masks")
+        assert listed.status_code == 200, listed.text
+        assert good in [p["name"] for p in listed.json()]
+        assert bad not in [p["name"] for p in listed.json()]
+        r = c.get(f"/masks/{bad}")
+        assert r.status_code == 503 and bad in r.json()["error"]["message"]
+        assert c.get("/ready").status_code == 200
+        # Repaired by writing it again: served, no restart.
+        assert c.put(f"/masks/{bad}", json={"layers": fixture_mask["layers"]}).status_code == 200
+        assert tokens(c, answers, bad) == answers["masked"]
+    admin.close()
+
+
+def test_redis_bad_sequence_watch_unhealthy_then_recovers(on_redis, rdb_redis, answers):
+    name = unique("seq")
+    admin = redis.Redis.from_url(rdb_redis.url)
+    with client(on_redis, ADMIN_KEY) as c:
+        assert c.put(f"/masks/{name}", json=EMPTY).status_code == 201
+        seq = admin.get("monet:masks:seq")
+        admin.set("monet:masks:seq", b"garbage")
+        took = until(lambda: c.get("/ready").status_code == 503, "/ready to see the watch fail",
+                     timeout=10)
+        checks = c.get("/ready").json()["checks"]
+        assert checks["mask_watch"] is False and "seq" in checks["mask_watch_error"], checks
+        assert checks["mask_store"] is True  # reachable; its data is what is wrong
+        admin.set("monet:masks:seq", seq)
+        healed = until(lambda: c.get("/ready").status_code == 200, "recovery", timeout=10)
+        assert tokens(c, answers, name) == answers["unmasked"]
+    admin.close()
+    print(f"bad seq: /ready 503 after {took:.2f} s, 200 again {healed:.2f} s after repair")
+
+
+def test_local_record_corrupt_fails_that_profile_only(on_local, answers, fixture_mask):
+    import sqlite3
+
+    root, (a, b) = on_local
+    good, bad = unique("good"), unique("bad")
+    with client(a, ADMIN_KEY) as ca, client(b, ADMIN_KEY) as cb:
+        for name in (good, bad):
+            assert ca.put(f"/masks/{name}", json={"layers": fixture_mask["layers"]}).is_success
+        with sqlite3.connect(root / "masks.sqlite3") as db:  # truncated blob, garbled summary
+            db.execute("UPDATE blobs SET data = substr(data, 1, 20) WHERE name = ?", (bad,))
+            db.execute("UPDATE heads SET summary = '{\"trunc' WHERE name = ?", (bad,))
+        for c in (ca, cb):
+            r = generate(c, answers, bad)
+            assert r.status_code == 503 and bad in r.json()["error"]["message"], r.text
+            assert tokens(c, answers, good) == answers["masked"]
+            listed = c.get("/masks")
+            assert listed.status_code == 200, listed.text
+            assert [p["name"] for p in listed.json()].count(bad) == 0
+            assert c.get(f"/masks/{bad}").status_code == 503
+            assert c.get("/ready").status_code == 200
+        assert cb.put(f"/masks/{bad}", json={"layers": fixture_mask["layers"]}).status_code == 200
+        for c in (ca, cb):
+            until(lambda c=c: tokens(c, answers, bad) == answers["masked"], "the repaired mask")
+
+
+# ---- concurrent writes: status and audit from the write itself ------------------------------
+def test_concurrent_unconditional_puts_one_created(server, replica):
+    from concurrent.futures import ThreadPoolExecutor
+
+    name, n = unique("race"), 200
+    body = {"layers": [{"layer": 0, "experts": [[1, 2]]}]}
+    clients = [client(s, ADMIN_KEY) for s in (server, replica)]
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(lambda k: clients[k % 2].put(f"/masks/{name}", json=body),
+                                range(n)))
+    for c in clients:
+        c.close()
+    assert all(r.is_success for r in results), [r.text for r in results if not r.is_success]
+    created = [r.json() for r in results if r.status_code == 201]
+    assert len(created) == 1 and created[0]["previous_version"] == 0, created
+    pairs = sorted((r.json()["previous_version"], r.json()["version"]) for r in results)
+    assert pairs == [(v - 1, v) for v in range(1, n + 1)]  # each write saw the one before
+    time.sleep(0.5)  # the audit lines are flushed per line; give the last a moment
+    audit = [l for s in (server, replica) for l in s.log_lines()
+             if l.get("logger") == "monet.audit" and l.get("profile") == name]
+    assert len(audit) == n
+    assert sorted(l["previous_version"] for l in audit) == list(range(n))
