@@ -160,6 +160,8 @@ class LocalMaskStore:
                 "SELECT h.version, h.deleted, b.version, b.data FROM heads h LEFT JOIN blobs b"
                 " ON b.name = h.name AND b.version = coalesce(?, h.version) WHERE h.name = ?",
                 (version, name)).fetchone()
+        if row is not None and not isinstance(row[0], int):
+            raise ProfileCorrupt(name, version, f"head version {row[0]!r}")
         if row is None or row[1] or row[3] is None:
             raise ProfileNotFound(name, version)
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
@@ -46,8 +47,8 @@ def on_local(tmp_path_factory, tiny):
     for k in range(2):
         (tmp / f"s{k}").mkdir()
         procs.append(_serve(tmp / f"s{k}", model=tiny / "model", store_dir=tmp / "shared"))
-    for p in procs:
-        p.start()
+    with ThreadPoolExecutor(2) as pool:  # the model loads take most of the time
+        list(pool.map(ServerProcess.start, procs))
     yield tmp / "shared", procs
     for p in procs:
         p.stop()
@@ -227,8 +228,6 @@ def test_local_record_corrupt_fails_that_profile_only(on_local, answers, fixture
 
 # ---- concurrent writes: status and audit from the write itself ------------------------------
 def test_concurrent_unconditional_puts_one_created(server, replica):
-    from concurrent.futures import ThreadPoolExecutor
-
     name, n = unique("race"), 200
     body = {"layers": [{"layer": 0, "experts": [[1, 2]]}]}
     clients = [client(s, ADMIN_KEY) for s in (server, replica)]
