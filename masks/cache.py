@@ -2,13 +2,16 @@
 
 A replica asks `get(name)` per request: a dict lookup when cached, a store read otherwise.
 Change events (polled by `refresh()`, or by the thread `start()` runs) drop entries that a
-newer version or a delete made stale; RESET drops everything. Failing closed: when the watch
-has not reached the store for `max_staleness` seconds, `get` raises StoreUnavailable rather
-than serve a profile that may have changed or been deleted meanwhile.
+newer version or a delete made stale; RESET (the store emptied, restored or replaced) drops
+everything, and a read that straddled it is not kept. Failing closed: when the watch has not
+reached the store for `max_staleness` seconds, `get` raises StoreUnavailable rather than serve a
+profile that may have changed or been deleted meanwhile. The watch thread survives any error:
+it records it (`last_error`, for /ready), resynchronises and retries.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -17,6 +20,8 @@ from masks.schema import MaskProfile, check_model
 from masks.store import RESET, ChangeEvent, MaskStore, StoreUnavailable, Watch
 
 __all__ = ["ProfileCache"]
+
+_log = logging.getLogger("monet.masks")
 
 
 class ProfileCache:
@@ -36,6 +41,7 @@ class ProfileCache:
         self.poll_timeout = poll_timeout
         self._latest: OrderedDict[str, MaskProfile] = OrderedDict()
         self._known: dict[str, int] = {}  # newest version (or delete) seen in events
+        self._resets = 0  # RESETs applied: a read begun before one is not cached
         self._lock = threading.Lock()
         self._watch: Watch | None = None
         self._last_sync = time.monotonic()
@@ -47,18 +53,18 @@ class ProfileCache:
     def get(self, name: str, version: int | None = None) -> MaskProfile:
         """The latest (or a given) version; ProfileNotFound, StoreUnavailable, ModelMismatch."""
         self._check_fresh()
-        if version is None:
-            with self._lock:
-                cached = self._latest.get(name)
-                if cached is not None:
-                    self._latest.move_to_end(name)
-                    return cached
+        with self._lock:
+            resets = self._resets
+            cached = self._latest.get(name) if version is None else None
+            if cached is not None:
+                self._latest.move_to_end(name)
+                return cached
         profile = self.store.get(name, version)
         if self.model_id is not None:
             check_model(profile, self.model_id)
         if version is None:
             with self._lock:
-                if profile.version >= self._known.get(name, 0):  # not already outdated
+                if resets == self._resets and profile.version >= self._known.get(name, 0):
                     self._latest[name] = profile
                     while len(self._latest) > self.max_entries:
                         self._latest.popitem(last=False)
@@ -79,6 +85,7 @@ class ProfileCache:
                 if event.name == RESET:
                     self._latest.clear()
                     self._known.clear()
+                    self._resets += 1
                     continue
                 known = self._known.get(event.name, 0)
                 self._known[event.name] = max(known, event.version + event.deleted)
@@ -87,14 +94,17 @@ class ProfileCache:
                     del self._latest[event.name]
 
     def refresh(self, timeout: float = 0.0) -> list[ChangeEvent]:
-        """Poll the watch once; StoreUnavailable propagates (and staleness grows)."""
+        """Poll the watch once; its errors propagate (staleness grows, `last_error` says why)
+        and the next poll resynchronises."""
         try:
             if self._watch is None:
                 self._watch = self.store.watch()
                 self._last_sync = time.monotonic()
             events = self._watch.poll(timeout)
-        except StoreUnavailable as e:
+        except Exception as e:
             self.last_error = e
+            if self._watch is not None:
+                self._watch.mark_stale()
             raise
         self.apply(events)
         self._last_sync = time.monotonic()
@@ -114,7 +124,9 @@ class ProfileCache:
         while not self._stop.is_set():
             try:
                 self.refresh(self.poll_timeout)
-            except StoreUnavailable:
+            except Exception as e:  # noqa: BLE001 (the watch must outlive any bad record)
+                if not isinstance(e, StoreUnavailable):
+                    _log.warning("mask profile watch failed; retrying: %r", e)
                 self._stop.wait(min(self.poll_timeout, 1.0))  # retry; get() fails closed
 
     def close(self) -> None:

@@ -2,20 +2,26 @@
 
 Keys under a namespace N (default "monet:masks"):
   N:seq                 store-wide change sequence (INCR)
+  N:tokens              hash: seq -> the random token of that write (the last LOG_KEEP)
   N:names               sorted set: name scored by the seq of its last change (for resync)
   N:summaries           hash: name -> "<version> <ProfileSummary JSON>" of the latest (list)
   N:head:<name>         hash: version, seq, deleted (a tombstone after delete)
   N:versions:<name>     sorted set of the kept versions
   N:blob:<name>:<v>     MaskProfile.to_bytes of version v
-  N:events              pub/sub channel: {"seq", "name", "version", "deleted"} per change
+  N:events              pub/sub channel: {"seq", "name", "version", "deleted", "token",
+                        "prev"} per change (prev: the token at seq - 1)
 Writes are Lua scripts (atomic): check the expected version, write the blob, bump the seq,
-update head and indexes, trim old versions and publish, all or nothing. Blob keys are built
+update head and indexes, log the token, trim old versions and publish, all or nothing. A value
+that cannot be decoded fails its own profile only (ProfileCorrupt, or left out of list() and
+reported by changes() as a delete). Blob keys are built
 inside the scripts, so this targets a single Redis (or a cluster with one hash slot per N).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -28,25 +34,43 @@ from masks.schema import MaskProfile, ProfileSummary, valid_name
 from masks.store import (
     ChangeEvent,
     ChangeSet,
+    ProfileCorrupt,
     ProfileNotFound,
     StoreUnavailable,
     VersionConflict,
     Watch,
+    Written,
 )
 
 __all__ = ["RedisMaskStore", "RedisWatch"]
 
-_PUT = """
+LOG_KEEP = 10_000  # tokens kept: a watcher further behind resets (drops its cache)
+_log = logging.getLogger("monet.masks")
+
+# Shared by the write scripts: the next seq, its token logged, the token before it returned.
+_LOG = """
+local function log_change(seqkey, tokens, token)
+  local seq = redis.call('INCR', seqkey)
+  local prev = redis.call('HGET', tokens, seq - 1) or ''
+  redis.call('HSET', tokens, seq, token)
+  redis.call('HDEL', tokens, seq - %d)
+  return seq, prev
+end
+""" % LOG_KEEP
+
+_PUT = _LOG + """
 local head, seqkey, names, summaries, versions = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local tokens = KEYS[6]
 local expected, blob, summary, name = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local prefix, keep, channel = ARGV[5], tonumber(ARGV[6]), ARGV[7]
+local prefix, keep, channel, token = ARGV[5], tonumber(ARGV[6]), ARGV[7], ARGV[8]
 local h = redis.call('HMGET', head, 'version', 'deleted')
 local cur = tonumber(h[1] or '0')
+if not cur then return {'corrupt', 0} end
 local live = cur
 if h[2] == '1' then live = 0 end
 if expected ~= '' and tonumber(expected) ~= live then return {'conflict', live} end
 local new = cur + 1
-local seq = redis.call('INCR', seqkey)
+local seq, prev = log_change(seqkey, tokens, token)
 redis.call('SET', prefix .. new, blob)
 redis.call('HSET', head, 'version', new, 'seq', seq, 'deleted', '0')
 redis.call('ZADD', versions, new, new)
@@ -58,32 +82,35 @@ for _, v in ipairs(old) do
   redis.call('ZREM', versions, v)
 end
 redis.call('PUBLISH', channel, cjson.encode({seq = seq, name = name, version = new,
-                                             deleted = false}))
-return {'ok', new, seq}
+                                             deleted = false, token = token, prev = prev}))
+return {'ok', new, seq, live}
 """
 
-_DELETE = """
+_DELETE = _LOG + """
 local head, seqkey, names, summaries, versions = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local expected, name, prefix, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local tokens = KEYS[6]
+local expected, name, prefix, channel, token = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local h = redis.call('HMGET', head, 'version', 'deleted')
 local live = tonumber(h[1] or '0')
+if not live then return {'corrupt', 0} end
 if h[2] == '1' then live = 0 end
 if live == 0 then return {'missing', 0} end
 if expected ~= '' and tonumber(expected) ~= live then return {'conflict', live} end
-local seq = redis.call('INCR', seqkey)
+local seq, prev = log_change(seqkey, tokens, token)
 for _, v in ipairs(redis.call('ZRANGE', versions, 0, -1)) do redis.call('DEL', prefix .. v) end
 redis.call('DEL', versions)
 redis.call('HSET', head, 'seq', seq, 'deleted', '1')
 redis.call('ZADD', names, seq, name)
 redis.call('HDEL', summaries, name)
 redis.call('PUBLISH', channel, cjson.encode({seq = seq, name = name, version = live,
-                                             deleted = true}))
+                                             deleted = true, token = token, prev = prev}))
 return {'ok', live, seq}
 """
 
 _GET = """
 local h = redis.call('HMGET', KEYS[1], 'version', 'deleted')
 if not h[1] or h[2] == '1' then return false end
+if not tonumber(h[1]) then return {-1, 'head version ' .. h[1]} end
 local v = ARGV[2]
 if v == '' then v = h[1] end
 if tonumber(v) > tonumber(h[1]) then return false end
@@ -93,14 +120,18 @@ return {tonumber(v), blob}
 """
 
 _CHANGES = """
-local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
-local out = {seq}
-for _, name in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf')) do
-  local h = redis.call('HMGET', ARGV[2] .. name, 'version', 'seq', 'deleted')
+local seq = redis.call('GET', KEYS[1]) or '0'
+local since = ARGV[1]
+local since_token = redis.call('HGET', KEYS[3], since) or false
+if since == '0' then since_token = '' end
+local out = {seq, redis.call('HGET', KEYS[3], seq) or '', since_token}
+for _, name in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. since, '+inf')) do
+  local h = redis.pcall('HMGET', ARGV[2] .. name, 'version', 'seq', 'deleted')
+  if h.err then h = {'', '', ''} end
   table.insert(out, name)
-  table.insert(out, tonumber(h[1]))
-  table.insert(out, tonumber(h[2]))
-  table.insert(out, h[3])
+  table.insert(out, h[1] or '')
+  table.insert(out, h[2] or '')
+  table.insert(out, h[3] or '')
 end
 return out
 """
@@ -153,7 +184,7 @@ class RedisMaskStore:
     # ---- keys ----------------------------------------------------------------------------
     def _keys(self, name: str) -> list[str]:
         return [f"{self.ns}:head:{name}", f"{self.ns}:seq", f"{self.ns}:names",
-                f"{self.ns}:summaries", f"{self.ns}:versions:{name}"]
+                f"{self.ns}:summaries", f"{self.ns}:versions:{name}", f"{self.ns}:tokens"]
 
     def _blob_prefix(self, name: str) -> str:
         return f"{self.ns}:blob:{name}:"
@@ -177,29 +208,41 @@ class RedisMaskStore:
         if not found:
             raise ProfileNotFound(name, version)
         v, data = found
-        return MaskProfile.from_bytes(data).with_version(int(v))
+        try:
+            if int(v) < 0:
+                raise ValueError(data.decode(errors="replace"))
+            return MaskProfile.from_bytes(data).with_version(int(v))
+        except Exception as e:  # any damage to the value: this profile fails, loudly
+            raise ProfileCorrupt(name, version, e) from None
 
     def put(self, profile: MaskProfile, *, expected_version: int | None = None) -> MaskProfile:
+        return self.write(profile, expected_version=expected_version).profile
+
+    def write(self, profile: MaskProfile, *, expected_version: int | None = None) -> Written:
         summary = profile.summary().model_dump(mode="json")
         summary.pop("version")  # the script knows it; list() adds it back from the head
         args = ["" if expected_version is None else expected_version, profile.to_bytes(),
                 json.dumps(summary), profile.name, self._blob_prefix(profile.name),
-                self.keep_versions, self.channel]
+                self.keep_versions, self.channel, secrets.token_hex(8)]
         with self._io(f"writing '{profile.name}'"):
-            status, version, *_ = self._put(keys=self._keys(profile.name), args=args)
+            status, version, *rest = self._put(keys=self._keys(profile.name), args=args)
         if status == b"conflict":
             raise VersionConflict(profile.name, expected_version, int(version))
-        return profile.with_version(int(version))
+        if status == b"corrupt":
+            raise ProfileCorrupt(profile.name, None, "its head has no valid version")
+        return Written(profile.with_version(int(version)), int(rest[1]))
 
     def delete(self, name: str, *, expected_version: int | None = None) -> int:
         if not valid_name(name):
             raise ProfileNotFound(name)
         args = ["" if expected_version is None else expected_version, name,
-                self._blob_prefix(name), self.channel]
+                self._blob_prefix(name), self.channel, secrets.token_hex(8)]
         with self._io(f"deleting '{name}'"):
             status, version, *_ = self._delete(keys=self._keys(name), args=args)
         if status == b"missing":
             raise ProfileNotFound(name)
+        if status == b"corrupt":
+            raise ProfileCorrupt(name, None, "its head has no valid version")
         if status == b"conflict":
             raise VersionConflict(name, expected_version, int(version))
         return int(version)
@@ -212,9 +255,14 @@ class RedisMaskStore:
         with self._io("listing"):
             summaries = self.client.hgetall(f"{self.ns}:summaries")
         out = []
-        for _, entry in sorted(summaries.items()):
-            version, data = entry.split(b" ", 1)
-            out.append(ProfileSummary.model_validate({**json.loads(data), "version": int(version)}))
+        for name, entry in sorted(summaries.items()):
+            try:
+                version, data = entry.split(b" ", 1)
+                out.append(ProfileSummary.model_validate({**json.loads(data),
+                                                          "version": int(version)}))
+            except Exception as e:  # noqa: BLE001 (one bad entry must not hide the others)
+                _log.warning("%s", ProfileCorrupt(name.decode(errors="replace"), None,
+                                                  f"summary: {e}"))
         return out
 
     def current_seq(self) -> int:
@@ -223,14 +271,17 @@ class RedisMaskStore:
 
     def changes(self, since: int = 0) -> ChangeSet:
         with self._io("reading changes"):
-            out = self._changes(keys=[f"{self.ns}:seq", f"{self.ns}:names"],
+            out = self._changes(keys=[f"{self.ns}:seq", f"{self.ns}:names", f"{self.ns}:tokens"],
                                 args=[since, f"{self.ns}:head:"])
-        seq, rows = int(out[0]), out[1:]
-        events = [
-            ChangeEvent(int(rows[k + 2]), rows[k].decode(), int(rows[k + 1]), rows[k + 3] == b"1")
-            for k in range(0, len(rows), 4)
-        ]
-        return ChangeSet(seq, sorted(events, key=lambda e: e.seq))
+        try:
+            seq = int(out[0])
+        except ValueError:
+            raise StoreUnavailable(f"Redis mask store: {self.ns}:seq is corrupt: "
+                                   f"{out[0][:40]!r}") from None
+        token, since_token, rows = out[1].decode(), out[2], out[3:]
+        events = [_head_event(rows[k : k + 4], seq) for k in range(0, len(rows), 4)]
+        return ChangeSet(seq, sorted(events, key=lambda e: e.seq), token,
+                         None if since_token is None else since_token.decode())
 
     def watch(self, since: int | None = None) -> RedisWatch:
         return RedisWatch(self, since=since, resync_interval=self.resync_interval)
@@ -289,7 +340,10 @@ class RedisWatch(Watch):
             message = self._pubsub.get_message(timeout=timeout)
             while message is not None and len(notes) < 1000:
                 if message["type"] == "message":
-                    notes.append(_event(message["data"]))
+                    try:
+                        notes.append(_event(message["data"]))
+                    except (ValueError, TypeError, KeyError):  # garbled: ask the store
+                        self._needs_resync = True
                 message = self._pubsub.get_message(timeout=0)
         except (redis.RedisError, OSError):
             self.reconnects += 1
@@ -304,5 +358,16 @@ class RedisWatch(Watch):
 
 def _event(data: bytes) -> ChangeEvent:
     fields = json.loads(data)
-    return ChangeEvent(int(fields["seq"]), fields["name"], int(fields["version"]),
-                       bool(fields["deleted"]))
+    return ChangeEvent(int(fields["seq"]), str(fields["name"]), int(fields["version"]),
+                       bool(fields["deleted"]), str(fields["token"]), str(fields["prev"]))
+
+
+def _head_event(row: list[bytes], seq: int) -> ChangeEvent:
+    """[name, version, seq, deleted] of a head as a change event; a damaged head as a delete
+    of its name at `seq`, so caches drop it and the next read reports it corrupt."""
+    name = row[0].decode(errors="replace")
+    try:
+        return ChangeEvent(int(row[2]), name, int(row[1]), row[3] == b"1")
+    except ValueError as e:
+        _log.warning("%s", ProfileCorrupt(name, None, f"head: {e}"))
+        return ChangeEvent(seq, name, 0, True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import getpass
+import hashlib
 import json
 import re
 import socket
@@ -19,6 +20,7 @@ import struct
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -284,6 +286,17 @@ class MaskProfile(BaseModel):
     def size(self) -> int:
         return len(self.experts)
 
+    @property
+    def digest(self) -> str:
+        """The mask's identity: 16 hex digits of SHA-256 over E and the removed pairs per
+        layer. A cache keyed by it never outlives the contents (name@version may be reused
+        when a store loses its data)."""
+        cached = self.__dict__.get("_digest")
+        if cached is None or cached[0] is not self.experts:
+            cached = (self.experts, mask_digest(self.experts, self.num_experts))
+            self.__dict__["_digest"] = cached  # frozen: memoised beside the fields
+        return cached[1]
+
     def with_version(self, version: int) -> MaskProfile:
         return self.model_copy(update={"version": version})
 
@@ -310,6 +323,17 @@ class MaskProfile(BaseModel):
         """The mask to apply to the model `model_id`; ModelMismatch if built for another."""
         check_model(self, model_id)
         return self.experts
+
+
+def mask_digest(mask: ExpertMask, num_experts: int) -> str:
+    """16 hex digits identifying a mask's contents (empty layers do not count)."""
+    h = hashlib.sha256(struct.pack("<I", num_experts))
+    for layer in sorted(mask.layers):
+        pairs = np.ascontiguousarray(mask.experts(layer), dtype="<i8")
+        if len(pairs):
+            h.update(struct.pack("<IQ", layer, len(pairs)))
+            h.update(pairs.tobytes())
+    return h.hexdigest()[:16]
 
 
 def check_model(profile: MaskProfile | ProfileSummary, model_id: str) -> None:

@@ -1,12 +1,16 @@
-"""Mask profile stores: one interface (MaskStore), two implementations (local directory, Redis).
+"""Mask profile stores: one interface (MaskStore), two implementations (local SQLite, Redis).
 
 Every write bumps a store-wide change sequence and the profile's version (monotonic per name,
-kept across deletes so (name, version) always names one content). `put`/`delete` take an
-`expected_version` for compare-and-set (0: the profile must not exist). A Watch turns the
-store's notifications into ChangeEvents and resynchronises from `changes(since)` whenever it
-may have missed some (a sequence gap, a dropped connection, or no news for a while), since
-notifications are at-most-once. Store failures raise StoreUnavailable, never "not found",
-so that callers can fail closed.
+kept across deletes so (name, version) names one content within one store's life), and draws
+a random token, so that a history is identified by (seq, token), not by seq alone: a store that
+came back empty, or restored from an older copy and written to since, has other tokens at the
+seqs a watcher knows. `put`/`delete` take an `expected_version` for compare-and-set (0: the
+profile must not exist); `write` is `put` that also reports the version it replaced. A Watch
+turns the store's notifications into ChangeEvents and resynchronises from `changes(since)`
+whenever it may have missed some (a sequence gap, a token that does not follow its own, a
+dropped connection, or no news for a while); a history other than its own yields RESET.
+Store failures raise StoreUnavailable, never "not found", so that callers can fail closed; a
+record that cannot be decoded raises ProfileCorrupt, naming the profile.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ __all__ = [
     "ChangeEvent",
     "ChangeSet",
     "MaskStore",
+    "ProfileCorrupt",
     "ProfileNotFound",
     "StoreError",
     "StoreUnavailable",
     "VersionConflict",
     "Watch",
+    "Written",
     "open_store",
 ]
 
@@ -64,6 +70,15 @@ class StoreUnavailable(StoreError):
     """The store cannot be reached or failed: callers must not treat this as 'no profile'."""
 
 
+class ProfileCorrupt(StoreError):
+    """One profile's record cannot be decoded: that profile fails, the others do not."""
+
+    def __init__(self, name: str, version: int | None, error: BaseException | str):
+        what = f"'{name}'" if version is None else f"'{name}' version {version}"
+        super().__init__(f"mask profile {what} is corrupt in the store: {error}")
+        self.name, self.version = name, version
+
+
 @dataclass(frozen=True, slots=True)
 class ChangeEvent:
     """A profile's state after change number `seq`: its latest version, or deleted."""
@@ -72,14 +87,29 @@ class ChangeEvent:
     name: str
     version: int
     deleted: bool = False
+    token: str = ""  # notifications: the write's token, and the token of the write before it
+    prev: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class ChangeSet:
-    """The store's sequence number and the latest state of every name changed since."""
+    """The store's sequence number and the latest state of every name changed since; `token`
+    is the token of the write at `seq`, `since_token` the token at `since` in this store's
+    history ("" for 0, None when the store has no such write: it is not the history the
+    caller followed)."""
 
     seq: int
     events: list[ChangeEvent] = field(default_factory=list)
+    token: str = ""
+    since_token: str | None = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """What a write did: the stored copy and the live version it replaced (0: none)."""
+
+    profile: MaskProfile
+    previous_version: int
 
 
 @runtime_checkable
@@ -93,11 +123,17 @@ class MaskStore(Protocol):
         expected_version is given and differs (0: must not exist)."""
         ...
 
+    def write(self, profile: MaskProfile, *, expected_version: int | None = None) -> Written:
+        """`put`, also reporting the live version this write replaced (0: none)."""
+        ...
+
     def delete(self, name: str, *, expected_version: int | None = None) -> int:
         """Delete every kept version; returns the deleted version."""
         ...
 
-    def list(self) -> list[ProfileSummary]: ...
+    def list(self) -> list[ProfileSummary]:
+        """Summaries of the live profiles; one that cannot be decoded is logged, left out."""
+        ...
 
     def versions(self, name: str) -> list[int]:
         """Kept versions of a profile, ascending (empty when absent)."""
@@ -120,22 +156,32 @@ class Watch:
     """Change events with resynchronisation; subclasses implement `_receive`.
 
     poll(timeout) returns the events after `last_seq` in order (possibly none). Notifications
-    are taken as hints: a gap in their sequence, a reconnection or `resync_interval` seconds
-    without news triggers `changes(last_seq)`, which is authoritative. Events are states,
-    so a duplicate is harmless: compare versions.
+    are taken as hints: one that does not extend the history followed so far (a gap in seq, a
+    `prev` token other than `last_token`, an old seq with an unknown token), a reconnection or
+    `resync_interval` seconds without news triggers `changes(last_seq)`, which is
+    authoritative; when the store's token at `last_seq` is not `last_token` the store is not the
+    one followed (emptied, restored, replaced) and RESET comes first. Events are states, so a
+    duplicate is harmless: compare versions.
     """
 
     def __init__(self, store: MaskStore, *, since: int | None, resync_interval: float):
         self._store = store
         self.resync_interval = resync_interval
         self.last_seq = store.current_seq() if since is None else since
-        self._needs_resync = since is not None
+        # The token at last_seq; None: `since` is not in this store's history (trusted then).
+        self.last_token: str | None = store.changes(self.last_seq).since_token
+        self._seen: dict[int, str] = {}  # recent seq -> token heard (duplicates are no news)
+        self._needs_resync = True
         self._last_check = time.monotonic()
         self.resyncs = 0  # how often changes() had to fill in (for tests and metrics)
 
     def _receive(self, timeout: float) -> list[ChangeEvent]:
         """Notifications within `timeout` seconds; set _needs_resync when some may be lost."""
         raise NotImplementedError
+
+    def mark_stale(self) -> None:
+        """Resynchronise at the next poll (after a failure the caller cannot place)."""
+        self._needs_resync = True
 
     def poll(self, timeout: float = 1.0) -> list[ChangeEvent]:
         events: list[ChangeEvent] = []
@@ -145,13 +191,13 @@ class Watch:
                 return events
         notes = self._receive(timeout)
         for note in sorted(notes, key=lambda e: e.seq):
-            if note.seq <= self.last_seq:
-                continue
-            if note.seq > self.last_seq + 1:  # missed some: the store knows which
-                self._needs_resync = True
+            if note.seq <= self.last_seq and self._seen.get(note.seq) == note.token:
+                continue  # heard already
+            if note.seq != self.last_seq + 1 or note.prev != self.last_token:
+                self._needs_resync = True  # missed some, or another history: ask the store
                 break
             events.append(note)
-            self.last_seq = note.seq
+            self._follow(note.seq, note.token)
             self._last_check = time.monotonic()
         if self._needs_resync or (
             not notes and time.monotonic() - self._last_check >= self.resync_interval
@@ -159,18 +205,26 @@ class Watch:
             events += self._resync()
         return events
 
+    def _follow(self, seq: int, token: str) -> None:
+        self.last_seq, self.last_token = seq, token
+        self._seen[seq] = token
+        while len(self._seen) > 1024:
+            del self._seen[next(iter(self._seen))]
+
     def _resync(self) -> list[ChangeEvent]:
         changes = self._store.changes(self.last_seq)
         self._last_check = time.monotonic()
         self._needs_resync = False
-        if changes.seq < self.last_seq:  # the store was wiped or replaced: start again
-            changes = self._store.changes(0)
+        if changes.seq < self.last_seq or (self.last_token is not None
+                                           and changes.since_token != self.last_token):
+            changes = self._store.changes(0)  # not the history followed: start again
             events = [ChangeEvent(changes.seq, RESET, 0, True), *changes.events]
+            self._seen.clear()
         else:
             events = [e for e in changes.events if e.seq > self.last_seq]
         if events or changes.seq != self.last_seq:
             self.resyncs += 1
-        self.last_seq = changes.seq
+        self._follow(changes.seq, changes.token)
         return events
 
     def __iter__(self) -> Iterator[ChangeEvent]:
@@ -188,21 +242,19 @@ class Watch:
 
 
 class PollingWatch(Watch):
-    """For stores without push notifications: poll the change sequence."""
+    """For stores without push notifications: ask `changes()` every `poll_interval`."""
 
     def __init__(self, store: MaskStore, *, since: int | None, poll_interval: float = 0.2):
         super().__init__(store, since=since, resync_interval=poll_interval)
         self.poll_interval = poll_interval
 
-    def _receive(self, timeout: float) -> list[ChangeEvent]:
+    def poll(self, timeout: float = 1.0) -> list[ChangeEvent]:
         deadline = time.monotonic() + timeout
         while True:
-            if self._store.current_seq() != self.last_seq:
-                self._needs_resync = True
-                return []
+            events = self._resync()
             left = deadline - time.monotonic()
-            if left <= 0:
-                return []
+            if events or left <= 0:
+                return events
             time.sleep(min(self.poll_interval, left))
 
 
@@ -217,6 +269,10 @@ class AsyncMaskStore:
 
     async def put(self, profile: MaskProfile, *, expected_version: int | None = None):
         return await asyncio.to_thread(self.store.put, profile, expected_version=expected_version)
+
+    async def write(self, profile: MaskProfile, *, expected_version: int | None = None):
+        return await asyncio.to_thread(self.store.write, profile,
+                                       expected_version=expected_version)
 
     async def delete(self, name: str, *, expected_version: int | None = None) -> int:
         return await asyncio.to_thread(self.store.delete, name, expected_version=expected_version)
@@ -251,8 +307,9 @@ def open_store(
     default_dir: str | Path | None = None,
     **options,
 ) -> MaskStore:
-    """A store from a URL: redis://, rediss:// or unix:// for Redis; a path or file://path
-    for the local store; None for the local store in `default_dir`."""
+    """A store from a URL: redis://, rediss:// or unix:// for Redis; a directory or
+    file://directory for the local store (its SQLite database lies inside); None for the local
+    store in `default_dir`."""
     text = str(url) if url is not None else ""
     if text.startswith(("redis://", "rediss://", "unix://")):
         from masks.redis_store import RedisMaskStore

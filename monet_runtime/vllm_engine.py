@@ -1,7 +1,8 @@
 """The async engine behind the server on vLLM: generate and stream with a mask profile.
 
-How a profile reaches the model: the engine keys a profile by "name@version" (the contents of
-one version never change), installs it once in every worker through collective_rpc
+How a profile reaches the model: the engine keys a profile by "name@version", where the server
+puts its MaskSpec key, which names the contents by digest, as the version (so a key never
+changes meaning, even when a store that lost its data reuses versions), installs it once in every worker through collective_rpc
 (`monet_install_profile`, compact binary ExpertMask) before the first request that uses it, and
 sends the key in SamplingParams.extra_args["monet_mask"]. RPCs and requests travel the same
 ordered channel to the engine core, so the profile is there when the row is scheduled. The
@@ -44,7 +45,8 @@ CAPTURE_KEY = "monet_capture"
 
 @dataclass(frozen=True, slots=True)
 class MaskProfileRef:
-    """A named, versioned mask profile: (name, version) identifies the contents."""
+    """A named, versioned mask profile: (name, version) identifies the contents (the server
+    passes its content-digest MaskSpec key as the version)."""
 
     name: str
     version: int | str

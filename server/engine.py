@@ -40,8 +40,9 @@ class Sampling:
 
 @dataclass(frozen=True, slots=True)
 class MaskSpec:
-    """The expert mask of one request. `key` names the contents ("no-python@3+toxic@1"): two
-    specs with the same key hold the same mask, so an engine may cache per key."""
+    """The expert mask of one request. `key` names the contents by the profiles' digests
+    ("no-python@3#1f0c...+toxic@1#9a2e..."): two specs with the same key hold the same mask,
+    so an engine may cache per key (and vLLM uses it as the prefix-cache salt)."""
 
     key: str
     mask: Any  # an ExpertMask (monet_runtime.expert_mask); opaque to the server

@@ -2,7 +2,9 @@
 
 `mask_profile` (a name, "name@version", or a list meaning their union) -> profiles from the
 replica's ProfileCache (or the store) -> model identity checked -> the union of their masks,
-plus the server-wide default profile, which a request cannot opt out of. Unknown profile 404;
+plus the server-wide default profile, which a request cannot opt out of. Unions, and the
+MaskSpec key that engines cache by, are keyed by the profiles' content digests, never by
+name@version alone (a store that lost its data reuses versions). Unknown profile 404;
 built for another model 409; store unreachable and the profile not cached within the staleness
 bound 503 with Retry-After. A request that asks for a mask never runs without it.
 """
@@ -20,6 +22,7 @@ from masks import (
     MaskProfile,
     ModelMismatch,
     ProfileCache,
+    ProfileCorrupt,
     ProfileNotFound,
     StoreUnavailable,
 )
@@ -70,6 +73,7 @@ class AppliedProfile:
     name: str
     version: int
     default: bool = False  # the server-wide default profile
+    digest: str = ""  # MaskProfile.digest: the contents
 
     def __str__(self) -> str:
         return f"{self.name}@{self.version}"
@@ -125,8 +129,8 @@ class MaskResolver:
             if default:
                 raise ApiError(503, f"{what}: {e}") from None
             raise ApiError(409, f"{param}: {e}", param=param) from None
-        except MaskError as e:
-            raise ApiError(503, f"{what} cannot be read: {e}",
+        except (MaskError, ProfileCorrupt) as e:
+            raise ApiError(503, f"{what} cannot be read: {e}", param=param,
                            headers={"Retry-After": RETRY_AFTER}) from None
         if ref.version is None:
             self.metrics.profile_version.labels(profile.name).set(profile.version)
@@ -145,9 +149,9 @@ class MaskResolver:
             if isinstance(result, BaseException):
                 raise result
         profiles: list[MaskProfile] = list(results)  # type: ignore[arg-type]
-        applied = tuple(AppliedProfile(p.name, p.version, d)
+        applied = tuple(AppliedProfile(p.name, p.version, d, p.digest)
                         for p, (_, d) in zip(profiles, wanted))
-        key = "+".join(sorted({str(a) for a in applied}))
+        key = "+".join(sorted({f"{a}#{a.digest}" for a in applied}))
         mask = self._unions.get(key)
         if mask is None:
             mask = profiles[0].experts

@@ -1,6 +1,7 @@
 """Mask profile management behind /masks: writes with compare-and-set, the audit trail, and
 builds as background jobs. Every write through this replica invalidates its profile cache
-before it returns, so a request that starts after the write sees it.
+before it returns, so a request that starts after the write sees it. A write's status and audit
+line come from the write itself (the version it replaced), never from a separate read.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from masks import (
     MaskError,
     MaskProfile,
     ModelMismatch,
+    ProfileCorrupt,
     ProfileNotFound,
     ProfileSummary,
     Provenance,
+    StoreError,
     StoreUnavailable,
     VersionConflict,
 )
@@ -46,6 +49,8 @@ def store_errors(param: str = "name") -> Iterator[None]:
     except StoreUnavailable as e:
         raise ApiError(503, f"mask store unavailable: {e}",
                        headers={"Retry-After": RETRY_AFTER}) from None
+    except ProfileCorrupt as e:
+        raise ApiError(503, str(e), param=param, headers={"Retry-After": RETRY_AFTER}) from None
     except ModelMismatch as e:
         raise ApiError(409, str(e), param="model_id") from None
     except MaskError as e:
@@ -70,10 +75,6 @@ def parse_precondition(if_match: str | None, if_none_match: str | None) -> int |
     return int(value)
 
 
-def _experts_changed(old: MaskProfile | None, new: MaskProfile) -> dict[str, int]:
-    if old is None:
-        return {"added": new.size, "removed": 0}
-    return {"added": len(new.experts - old.experts), "removed": len(old.experts - new.experts)}
 
 
 class ProfileAdmin:
@@ -125,32 +126,41 @@ class ProfileAdmin:
     def put_sync(self, profile: MaskProfile, *, expected: int | str | None,
                  who: Principal) -> WriteResult:
         with store_errors():
-            try:
-                old = self.store.get(profile.name)
-            except ProfileNotFound:
-                old = None
             if expected == "*":
-                if old is None:
-                    raise ApiError(409, f"If-Match: mask profile '{profile.name}' does not exist",
-                                   param="If-Match", type="version_conflict")
-                expected = old.version
-            stored = self.store.put(profile, expected_version=expected)
+                try:
+                    expected = self.store.get(profile.name).version
+                except ProfileNotFound:
+                    raise ApiError(409, f"If-Match: mask profile '{profile.name}' does not "
+                                        "exist", param="If-Match", type="version_conflict") from None
+            written = self.store.write(profile, expected_version=expected)
+        stored, previous = written.profile, written.previous_version
         self.resolver.invalidate(stored.name, stored.version)
-        previous = old.version if old is not None else 0
         audit("put", profile=stored.name, version=stored.version, previous_version=previous,
-              who=who.name, kind=stored.kind, size=stored.size, **_experts_changed(old, stored))
+              who=who.name, kind=stored.kind, size=stored.size, digest=stored.digest,
+              **self._experts_changed(previous, stored))
         return WriteResult(name=stored.name, version=stored.version, previous_version=previous,
                            size=stored.size, model_id=stored.model_id)
+
+    def _experts_changed(self, previous: int, new: MaskProfile) -> dict[str, int]:
+        """Against the version the write replaced (kept in the store: versions are
+        immutable); nothing when it cannot be read any more."""
+        if previous == 0:
+            return {"added": new.size, "removed": 0}
+        try:
+            old = self.store.get(new.name, previous)
+        except StoreError:
+            return {}
+        return {"added": len(new.experts - old.experts), "removed": len(old.experts - new.experts)}
 
     async def delete(self, name: str, *, expected: int | str | None,
                      who: Principal) -> DeleteResult:
         if expected == 0:
             raise ApiError(400, "If-None-Match makes no sense for DELETE", param="If-None-Match")
 
-        def run() -> int:
+        def run() -> int:  # If-Match: * is "must exist", which delete checks in its write
             with store_errors():
-                want = self.store.get(name).version if expected == "*" else expected
-                return self.store.delete(name, expected_version=want)
+                return self.store.delete(name, expected_version=None if expected == "*"
+                                         else expected)
 
         version = await asyncio.to_thread(run)
         self.resolver.invalidate(name, version, deleted=True)

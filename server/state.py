@@ -1,6 +1,7 @@
 """What one server holds (engine, store, profile cache, services) and its lifespan: the cache
-watch starts with the app (retrying while the store is away), profile versions are refreshed
-for /metrics, and shutdown drains in-flight requests before the engine stops.
+watch starts with the app (retrying while the store is away or failing), profile versions are
+refreshed for /metrics, /ready reports the store and the watch, and shutdown drains in-flight
+requests before the engine stops.
 """
 
 from __future__ import annotations
@@ -78,14 +79,14 @@ class ServerState:
             try:
                 await asyncio.to_thread(self.cache.start)
                 return
-            except StoreUnavailable as e:
-                log_event("monet.server", "mask store unreachable; retrying",
-                          level=logging.WARNING, error=str(e))
+            except Exception as e:  # noqa: BLE001 (retry whatever the store did)
+                log_event("monet.server", "mask store watch cannot start; retrying",
+                          level=logging.WARNING, error=repr(e))
                 await asyncio.sleep(1.0)
 
     async def _refresh_versions(self) -> None:
         while True:
-            with contextlib.suppress(StoreUnavailable):
+            with contextlib.suppress(Exception):  # the store's health is /ready's to report
                 summaries = await asyncio.to_thread(self.store.list)
                 self.metrics.store_up.set(1)
                 self.metrics.set_versions({s.name: s.version for s in summaries
@@ -102,13 +103,18 @@ class ServerState:
             checks["mask_store"] = True
         except (StoreUnavailable, TimeoutError) as e:
             checks["mask_store"], checks["mask_store_error"] = False, str(e) or "timeout"
+        watch_error = self.cache.last_error
+        checks["mask_watch"] = watch_error is None
+        if watch_error is not None:
+            checks["mask_watch_error"] = f"{type(watch_error).__name__}: {watch_error}"[:500]
         if self.resolver.default:
             try:
                 resolved = await self.resolver.resolve([])
                 checks["default_profile"] = resolved.header
             except ApiError as e:
                 checks["default_profile"], checks["default_profile_error"] = False, e.message
-        ok = (checks["engine"] and checks["mask_store"] and not checks["draining"]
+        ok = (checks["engine"] and checks["mask_store"] and checks["mask_watch"]
+              and not checks["draining"]
               and checks.get("default_profile", True) is not False)
         return ok, checks
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from masks import MaskProfile, MaskStore, ProfileSummary, StoreUnavailable
+from masks import MaskProfile, MaskStore, ProfileSummary, StoreUnavailable, Written
 
 from server.metrics import Metrics
 
@@ -62,6 +62,9 @@ class InstrumentedStore:
 
     def put(self, profile: MaskProfile, *, expected_version: int | None = None) -> MaskProfile:
         return self._call("put", self.inner.put, profile, expected_version=expected_version)
+
+    def write(self, profile: MaskProfile, *, expected_version: int | None = None) -> Written:
+        return self._call("put", self.inner.write, profile, expected_version=expected_version)
 
     def delete(self, name: str, *, expected_version: int | None = None) -> int:
         return self._call("delete", self.inner.delete, name, expected_version=expected_version)

@@ -39,7 +39,7 @@ def sampling(service: GenerationService, body: Any, prompt_len: int, *,
 
 
 def applied(resolved: ResolvedMask) -> list[dict[str, Any]]:
-    return [{"name": p.name, "version": p.version, "default": p.default}
+    return [{"name": p.name, "version": p.version, "default": p.default, "digest": p.digest}
             for p in resolved.profiles]
 
 

@@ -43,3 +43,4 @@ class AppliedProfileOut(BaseModel):
     name: str
     version: int
     default: bool = Field(False, description="The server-wide default profile.")
+    digest: str = Field("", description="The mask's content digest (16 hex digits).")

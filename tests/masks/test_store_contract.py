@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
 
 import numpy as np
 import pytest
+import redis
 
 from masks.local_store import LocalMaskStore
 from masks.redis_store import RedisMaskStore
 from masks.store import (
     MUST_NOT_EXIST,
+    RESET,
     AsyncMaskStore,
     MaskStore,
     ProfileNotFound,
@@ -26,6 +29,16 @@ def connect(request, tmp_path, namespace):
     """connect(**options) -> a new client of one shared store (call twice for two replicas)."""
     opened: list[MaskStore] = []
 
+    def wipe() -> None:
+        """Lose every record, as a wiped directory or a Redis restarted without its data."""
+        if request.param == "local":
+            shutil.rmtree(tmp_path / "store")
+        else:
+            client = redis.Redis.from_url(request.getfixturevalue("redis_server").url)
+            for key in client.scan_iter(f"{namespace}:*"):
+                client.delete(key)
+            client.close()
+
     def make(**options) -> MaskStore:
         if request.param == "local":
             store = LocalMaskStore(tmp_path / "store", poll_interval=0.02, **options)
@@ -35,6 +48,7 @@ def connect(request, tmp_path, namespace):
         opened.append(store)
         return store
 
+    make.wipe = wipe
     yield make
     for store in opened:
         store.close()
@@ -243,3 +257,53 @@ def test_open_store(tmp_path, redis_server, namespace):
     assert isinstance(store, RedisMaskStore)
     store.ping()
     store.close()
+
+
+def test_write_reports_the_version_it_replaced(connect, make_profile):
+    store = connect()
+    first = store.write(make_profile("p"))
+    assert (first.profile.version, first.previous_version) == (1, 0)
+    assert store.write(make_profile("p", seed=1)).previous_version == 1
+    store.delete("p")
+    again = store.write(make_profile("p", seed=2))
+    assert (again.profile.version, again.previous_version) == (3, 0)  # a tombstone is not live
+
+
+def test_concurrent_unconditional_writes_one_creates(connect, make_profile):
+    stores, results = [connect(), connect()], []
+    lock = threading.Lock()
+
+    def writer(k: int) -> None:
+        for _ in range(10):
+            written = stores[k % 2].write(make_profile("p"))
+            with lock:
+                results.append((written.previous_version, written.profile.version))
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [(v - 1, v) for v in range(1, 41)]
+
+
+@pytest.mark.parametrize("writes_after", [0, 1, 3])
+def test_watch_resets_when_the_store_is_not_the_one_it_followed(connect, make_profile,
+                                                                writes_after):
+    """Emptied, then written to until the seq is below, at or above the one the watch knows:
+    (seq, token) differ, so the watch resets, whatever the seq."""
+    writer, reader = connect(), connect()
+    for seed in range(2):
+        writer.put(make_profile("p", seed=seed))
+    with reader.watch() as watch:
+        writer.put(make_profile("q"))
+        wait_for(watch, lambda seen: any(e.name == "q" for e in seen))
+        assert watch.last_seq == 3
+        connect.wipe()
+        for k in range(writes_after):
+            writer.put(make_profile("p", seed=10 + k))
+        events = wait_for(watch, lambda seen: any(e.name == RESET for e in seen))
+    assert {(e.name, e.version) for e in events if e.name != RESET} == (
+        {("p", writes_after)} if writes_after else set())
+    if writes_after:
+        assert reader.get("p").digest == make_profile("p", seed=9 + writes_after).digest

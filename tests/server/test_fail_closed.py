@@ -56,8 +56,10 @@ def test_default_profile_always_applies(guarded, golden):
             assert r.status_code == 200, r.text
             assert r.json()["token_ids"] == masked  # the default's mask is really applied
             assert r.headers["x-monet-mask-profiles"] == f"{DEFAULT}@1"
-            assert r.json()["mask_profiles"] == [{"name": DEFAULT, "version": 1,
-                                                  "default": True}]
+            applied = r.json()["mask_profiles"]
+            assert [{k: a[k] for k in ("name", "version", "default")} for a in applied] == [
+                {"name": DEFAULT, "version": 1, "default": True}]
+            assert len(applied[0]["digest"]) == 16
         other = unique("extra")
         c.put(f"/masks/{other}", json={"layers": [{"layer": 0, "experts": [[0, 0]]}]})
         r = generate(c, prompt_token_ids=prompt, mask_profile=other)

@@ -42,8 +42,10 @@ def test_masked_generation_is_the_reference_and_differs_from_unmasked(gen, admin
     assert masked.json()["token_ids"] == golden["masked_greedy_ids"][0, len(prompt):].tolist()
     assert masked.json()["token_ids"] != plain.json()["token_ids"]
     assert masked.headers["x-monet-mask-profiles"] == f"{name}@{version}"
-    assert masked.json()["mask_profiles"] == [{"name": name, "version": version,
-                                               "default": False}]
+    applied = masked.json()["mask_profiles"]
+    assert applied == [{"name": name, "version": version, "default": False,
+                        "digest": applied[0]["digest"]}]
+    assert len(applied[0]["digest"]) == 16  # the contents, beside the name and version
 
 
 def test_masked_runtime_equivalence_for_text_prompt(gen, admin, fixture_mask, tiny):

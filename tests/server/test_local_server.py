@@ -70,7 +70,7 @@ def test_default_model_and_local_store(local):
         name = unique("local")
         r = c.put(f"/masks/{name}", json={"layers": [{"layer": 0, "experts": [[1, 2]]}]})
         assert r.status_code == 201, r.text
-        assert (local.store / "heads" / f"{name}.json").exists()
+        assert (local.store / "masks.sqlite3").exists()
         r = c.post("/generate", json={"prompt": "hi", "max_tokens": 3, "mask_profile": name})
         assert r.headers["x-monet-mask-profiles"] == f"{name}@1"
         assert c.get("/ready").json()["ready"] is True
