@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from server.engine import Engine, EngineRequest, Sampling
+from server.engine import Engine, EngineRequest, Sampling, TokenEvent, error_status
 from server.errors import ApiError
 from server.logs import REQUEST_ID, log_event
 from server.masking import MaskResolver, ProfileRef, ResolvedMask
@@ -101,6 +101,23 @@ class Prepared:
     arrival: float
 
 
+async def _api_errors(events: AsyncIterator[TokenEvent]) -> AsyncIterator[TokenEvent]:
+    """The engine's events; an EngineError (the request's own input, a closing engine) becomes
+    the ApiError of its status, naming the field."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as e:
+        known = error_status(e)
+        if known is None:
+            raise
+        status, param = known
+        message = str(e)
+        raise ApiError(status, message if len(message) <= 300 else message[:300] + "...",
+                       param=param,
+                       headers={"Retry-After": "5"} if status == 503 else None) from e
+
+
 class GenerationService:
     def __init__(self, engine: Engine, resolver: MaskResolver, metrics: Metrics,
                  settings: Settings):
@@ -166,9 +183,10 @@ class GenerationService:
         request = EngineRequest(p.request_id, p.input.prompt_ids, p.input.sampling,
                                 p.resolved.spec)
         events = self.engine.stream(request)
+        checked = _api_errors(events)
         reason, last, first_at = "abort", None, None
         try:
-            async for event in events:
+            async for event in checked:
                 now = time.monotonic()
                 if event.queue_time is not None:
                     self.metrics.queue_time.observe(event.queue_time)
@@ -197,6 +215,7 @@ class GenerationService:
         finally:  # bookkeeping first: under cancellation the await below may not return
             p.ticket.release()
             self._record(p, detok, reason, first_at)
+            await checked.aclose()
             await events.aclose()  # aborts the request if it is still running
 
     def _record(self, p: Prepared, detok: Detokenizer, reason: str, first_at) -> None:
