@@ -124,6 +124,7 @@ class GenerationService:
         self.engine, self.resolver, self.metrics = engine, resolver, metrics
         self.settings = settings
         self.admission = Admission(settings.max_concurrent_requests, metrics)
+        self.running: set[str] = set()  # engine request ids of the generations in flight
 
     # ---- input ---------------------------------------------------------------------------
     def prompt_ids(self, text: str | None, ids: list[int] | None, *, param: str = "prompt",
@@ -177,6 +178,14 @@ class GenerationService:
         request_id = f"{REQUEST_ID.get() or 'req'}-{uuid.uuid4().hex[:6]}"
         return Prepared(request_id, inp, resolved, ticket, arrival)
 
+    async def abort_running(self) -> int:
+        """Abort every generation in flight (the drain's deadline): each ends cleanly, with
+        finish_reason "abort". How many there were."""
+        ids = list(self.running)
+        for request_id in ids:
+            await self.engine.abort(request_id)
+        return len(ids)
+
     async def stream(self, p: Prepared) -> AsyncIterator[Delta]:
         """Text deltas; the last one has the finish reason. Releases the admission ticket."""
         detok = Detokenizer(self.engine.tokenizer, p.input.stop)
@@ -185,6 +194,7 @@ class GenerationService:
         events = self.engine.stream(request)
         checked = _api_errors(events)
         reason, last, first_at = "abort", None, None
+        self.running.add(p.request_id)
         try:
             async for event in checked:
                 now = time.monotonic()
@@ -213,6 +223,7 @@ class GenerationService:
                 if delta.token_ids:
                     yield delta
         finally:  # bookkeeping first: under cancellation the await below may not return
+            self.running.discard(p.request_id)
             p.ticket.release()
             self._record(p, detok, reason, first_at)
             await checked.aclose()

@@ -80,3 +80,11 @@ def test_vllm_server_in_its_venv():
     tail = "\n".join(r.stdout.splitlines()[-30:])
     assert r.returncode == 0, f"vLLM server tests failed:\n{tail}\n{r.stderr[-3000:]}"
     assert " passed" in r.stdout, tail
+
+
+@pytest.mark.slow
+def test_a_poisoned_request_fails_no_one_on_vllm(vllm_server):
+    from test_isolation import check_poisoned_batch
+
+    with client(vllm_server) as c:
+        check_poisoned_batch(c)
