@@ -185,9 +185,17 @@ class RuntimeEngine:
                 self._jobs.pop(request.request_id, None)
 
     async def abort(self, request_id: str) -> None:
+        """A running row ends at its next step; a waiting one at once (finish_reason abort)."""
         job = self._jobs.get(request_id)
-        if job is not None:
-            job.aborted = True
+        if job is None:
+            return
+        job.aborted = True
+        with self._cond:
+            waiting = job in self._pending
+            if waiting:
+                self._pending.remove(job)
+        if waiting:
+            job.deliver(StepOutput(-1, "abort", time.monotonic() - job.submitted))
 
     def load(self) -> tuple[int, int]:
         with self._cond:

@@ -152,3 +152,23 @@ def test_bad_sampling_is_a_typed_client_error(model):
     ids, error = asyncio.run(collect(engine, EngineRequest("v", [1, 500], Sampling())))
     assert error_status(error) == (400, "prompt")
     asyncio.run(engine.shutdown())
+
+
+def test_aborting_a_waiting_request_ends_it_at_once(model):
+    """(The drain's deadline aborts requests still queued behind a batch: they ended never.)"""
+    engine = RuntimeEngine(model, max_batch_size=1)
+    long = Sampling(max_tokens=240, temperature=0, ignore_eos=True)
+
+    async def main():
+        running = engine.stream(EngineRequest("running", [1, 2], long))
+        await running.__anext__()
+        waiting = asyncio.create_task(collect(engine, EngineRequest("waiting", [1, 3], long)))
+        await asyncio.sleep(0.05)
+        await engine.abort("waiting")
+        result = await asyncio.wait_for(waiting, 5)
+        assert engine.load()[0] == 1  # the running one still runs
+        await running.aclose()
+        return result
+
+    assert asyncio.run(main()) == ([], "abort")
+    asyncio.run(engine.shutdown())
