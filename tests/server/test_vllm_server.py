@@ -88,3 +88,7 @@ def test_a_poisoned_request_fails_no_one_on_vllm(vllm_server):
 
     with client(vllm_server) as c:
         check_poisoned_batch(c)
+        # a value the API takes and vLLM refuses (temperature above 2) is that request's 400
+        r = c.post("/generate", json={"prompt_token_ids": [1, 2], "max_tokens": 4,
+                                      "temperature": 3.0})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "temperature", r.text
