@@ -1,7 +1,10 @@
 """The serving engine on the plain-PyTorch runtime: batches of requests, each with its own mask.
 
 A worker thread takes every pending request (up to `max_batch_size`) and steps them together
-through `stream_generate`; requests that arrive while a batch runs join the next batch. Each
+through `stream_generate`; requests that arrive while a batch runs join the next batch. One
+request's failure fails only that request: a row whose sampling fails leaves the batch, and if
+the batch fails as a whole its unfinished rows go on in halves, from where they got to, until
+the failing row fails alone. Each
 token goes back to its caller's asyncio queue (`call_soon_threadsafe`), so `stream()` is an
 async iterator; closing it early sets the row's abort flag, which `should_abort` reads at the
 next decode step. Implements server.engine.Engine structurally (this package never imports
@@ -13,6 +16,7 @@ Legend: T tokens, H routing heads, E experts per side.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import threading
 import time
@@ -25,11 +29,16 @@ from typing import Any
 import torch
 
 import kernels
-from monet_runtime.generation import GenerationRequest, SamplingParams, stream_generate
+from monet_runtime.generation import (
+    GenerationRequest,
+    SamplingParams,
+    seeded_generator,
+    stream_generate,
+)
 from monet_runtime.model import MonetForCausalLM
 
-__all__ = ["RoutedExpert", "RuntimeEngine", "StepOutput", "VllmServingEngine",
-           "checkpoint_identity", "top_composite_experts"]
+__all__ = ["EngineClosed", "InvalidRequest", "RoutedExpert", "RuntimeEngine", "StepOutput",
+           "VllmServingEngine", "checkpoint_identity", "top_composite_experts"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,8 +57,22 @@ class RoutedExpert:
     weight: float
 
 
+class InvalidRequest(ValueError):
+    """The request's own input cannot run (the client's error); `param` names the field.
+    `status` is what the server answers (server.engine's EngineError, structurally)."""
+
+    status = 400
+
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
 class EngineClosed(RuntimeError):
     """The engine is shutting down and takes no new requests."""
+
+    status = 503
+    param = None
 
 
 @dataclass(eq=False, slots=True)
@@ -60,21 +83,49 @@ class _Job:
     queue: asyncio.Queue
     submitted: float = field(default_factory=time.monotonic)
     aborted: bool = False
-    finished: bool = False
+    finished: bool = False  # the caller saw the last event
+    generator: Any = None  # torch.Generator for sampling, kept across a retry
+    produced: list[int] = field(default_factory=list)  # tokens delivered
+    settled: bool = False  # the engine delivered the last event (or an error)
+    started: bool = False  # the first event went out (it carries the queue time)
 
     def deliver(self, item: StepOutput | BaseException) -> None:
+        self.settled = self.settled or isinstance(item, BaseException) or (
+            item.finish_reason is not None)
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the caller's event loop is gone: nobody is listening
             self.aborted = True
 
 
+_SERVER_NAMES = {"max_new_tokens": "max_tokens"}
+
+
 def _params(sampling) -> SamplingParams:
     greedy = sampling.temperature == 0
-    return SamplingParams(
-        max_new_tokens=sampling.max_tokens, do_sample=not greedy,
-        temperature=1.0 if greedy else sampling.temperature, top_p=sampling.top_p,
-        top_k=sampling.top_k, seed=sampling.seed, ignore_eos=sampling.ignore_eos)
+    try:
+        return SamplingParams(
+            max_new_tokens=sampling.max_tokens, do_sample=not greedy,
+            temperature=1.0 if greedy else sampling.temperature, top_p=sampling.top_p,
+            top_k=sampling.top_k, seed=sampling.seed, ignore_eos=sampling.ignore_eos)
+    except ValueError as e:  # SamplingParams names its field first
+        field = str(e).split()[0]
+        raise InvalidRequest(str(e), param=_SERVER_NAMES.get(field, field)) from None
+
+
+def _check_prompt(ids: list[int], max_tokens: int, *, vocab_size: int, max_model_len: int) -> None:
+    """InvalidRequest unless the prompt's ids are in the vocabulary and prompt plus max_tokens
+    fit the model's positions."""
+    if not ids:
+        raise InvalidRequest("the prompt is empty", param="prompt")
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {vocab_size})",
+                             param="prompt")
+    if len(ids) + max_tokens > max_model_len:
+        raise InvalidRequest(f"prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) "
+                             f"exceeds the model's {max_model_len} positions",
+                             param="max_tokens")
 
 
 class RuntimeEngine:
@@ -106,19 +157,12 @@ class RuntimeEngine:
 
     # ---- requests ----------------------------------------------------------------------
     def _check(self, request) -> None:
-        ids, n = list(request.prompt_ids), request.sampling.max_tokens
-        if not ids:
-            raise ValueError("the prompt is empty")
-        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        if len(ids) + n > self.max_model_len:
-            raise ValueError(f"prompt ({len(ids)} tokens) plus max_tokens ({n}) exceeds the "
-                             f"model's {self.max_model_len} positions")
+        _check_prompt(list(request.prompt_ids), request.sampling.max_tokens,
+                      vocab_size=self.vocab_size, max_model_len=self.max_model_len)
 
     async def stream(self, request) -> AsyncIterator[StepOutput]:
         self._check(request)
-        params = _params(request.sampling)  # ValueError on bad sampling, before queueing
+        params = _params(request.sampling)  # InvalidRequest on bad sampling, before queueing
         job = _Job(request, params, asyncio.get_running_loop(), asyncio.Queue())
         with self._cond:
             if self._closing:
@@ -141,9 +185,17 @@ class RuntimeEngine:
                 self._jobs.pop(request.request_id, None)
 
     async def abort(self, request_id: str) -> None:
+        """A running row ends at its next step; a waiting one at once (finish_reason abort)."""
         job = self._jobs.get(request_id)
-        if job is not None:
-            job.aborted = True
+        if job is None:
+            return
+        job.aborted = True
+        with self._cond:
+            waiting = job in self._pending
+            if waiting:
+                self._pending.remove(job)
+        if waiting:
+            job.deliver(StepOutput(-1, "abort", time.monotonic() - job.submitted))
 
     def load(self) -> tuple[int, int]:
         with self._cond:
@@ -180,21 +232,47 @@ class RuntimeEngine:
 
     def _run(self, batch: list[_Job]) -> None:
         started = time.monotonic()
-        requests = [GenerationRequest(list(job.request.prompt_ids), job.params,
-                                      job.request.mask.mask if job.request.mask else None)
-                    for job in batch]
-        first = [True] * len(batch)
+        for job in batch:
+            job.generator = seeded_generator(job.params.seed)
+        self._run_isolated(batch, started)
+
+    def _run_isolated(self, jobs: list[_Job], started: float) -> None:
+        """Step the jobs together; when that fails as a whole, go on with the unfinished ones in
+        halves, each from where it got to (its tokens so far, its generator), so that only a
+        job that fails alone gets the error."""
         try:
-            for events in stream_generate(self.model, requests,
-                                          should_abort=lambda row: batch[row].aborted):
-                for e in events:
-                    job = batch[e.row]
-                    queued = started - job.submitted if first[e.row] else None
-                    first[e.row] = False
-                    job.deliver(StepOutput(e.token_id, e.finish_reason, queued))
-        except Exception as e:  # noqa: BLE001 - the callers get it
-            for job in batch:
-                job.deliver(e)
+            self._step(jobs, started)
+        except Exception as e:  # noqa: BLE001 - the culprit gets it
+            rest = [job for job in jobs if not job.settled]
+            if len(jobs) == 1:
+                for job in rest:
+                    job.deliver(e)
+                return
+            half = (len(rest) + 1) // 2
+            for part in (rest[:half], rest[half:]):
+                if part:
+                    self._run_isolated(part, started)
+
+    def _step(self, jobs: list[_Job], started: float) -> None:
+        requests = []
+        for job in jobs:
+            left = job.params.max_new_tokens - len(job.produced)
+            requests.append(GenerationRequest(
+                [*job.request.prompt_ids, *job.produced],
+                dataclasses.replace(job.params, max_new_tokens=left),
+                job.request.mask.mask if job.request.mask else None, job.generator))
+        for events in stream_generate(self.model, requests,
+                                      should_abort=lambda row: jobs[row].aborted):
+            for e in events:
+                job = jobs[e.row]
+                if e.error is not None:
+                    job.deliver(e.error)
+                    continue
+                queued = None if job.started else started - job.submitted
+                job.started = True
+                if e.token_id >= 0:
+                    job.produced.append(e.token_id)
+                job.deliver(StepOutput(e.token_id, e.finish_reason, queued))
 
     # ---- routing, health, shutdown -----------------------------------------------------
     async def routing(self, prompt_ids: Sequence[int], *, top_k: int) -> list[list[RoutedExpert]]:
@@ -306,10 +384,8 @@ class VllmServingEngine:
 
     async def stream(self, request) -> AsyncIterator[StepOutput]:
         ids = list(request.prompt_ids)
-        if not ids or any(not 0 <= t < self.vocab_size for t in ids):
-            raise ValueError(f"token ids must be non-empty and in [0, {self.vocab_size})")
-        if len(ids) + request.sampling.max_tokens > self.max_model_len:
-            raise ValueError(f"prompt plus max_tokens exceeds {self.max_model_len} positions")
+        _check_prompt(ids, request.sampling.max_tokens, vocab_size=self.vocab_size,
+                      max_model_len=self.max_model_len)
         params = _params(request.sampling)
         async for event in self._engine.stream(ids, params, profile=self._profile(request.mask),
                                                request_id=request.request_id):

@@ -16,7 +16,7 @@ from monet_runtime.expert_mask import ExpertMask
 from monet_runtime.model import KVCache, MaskBatch, MonetForCausalLM
 
 __all__ = ["Generation", "GenerationRequest", "SamplingParams", "StepEvent",
-           "generate_batch", "generate_tensor", "stream_generate"]
+           "generate_batch", "generate_tensor", "seeded_generator", "stream_generate"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +34,7 @@ class SamplingParams:
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # NaN too
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -51,15 +51,19 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     mask: ExpertMask | None = None
+    generator: torch.Generator | None = None  # None: one seeded from params.seed
 
 
 @dataclass(slots=True)
 class StepEvent:
-    """One new token of one row; finish_reason is set on the row's last token."""
+    """One new token of one row; finish_reason is set on the row's last token. A row whose
+    sampling raised ends with finish_reason "error", token_id -1 and the exception; the
+    other rows go on."""
 
     row: int
     token_id: int
-    finish_reason: str | None = None  # "stop" | "length"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: Exception | None = None
 
 
 @dataclass(slots=True)
@@ -70,9 +74,14 @@ class Generation:
 
 
 def _sample(logits_V: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
+    """One token id. Every cut keeps at least the most likely token (as Hugging Face's
+    min_tokens_to_keep=1), so no temperature, top_p or top_k leaves an empty distribution:
+    a top_p that rounds to 0 in float32 (1e-300) samples the argmax."""
     if params.greedy:
         return int(logits_V.argmax())
-    logits = logits_V.float() / params.temperature
+    logits = logits_V.float()
+    # shift before dividing: the top logit becomes 0, so a small temperature cannot overflow
+    logits = (logits - logits.max()) / params.temperature
     if params.top_k:
         kth = logits.topk(min(params.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -81,9 +90,16 @@ def _sample(logits_V: torch.Tensor, params: SamplingParams, gen: torch.Generator
         probs = sorted_logits.softmax(-1)
         # drop a token when the tokens before it already carry top_p of the mass
         drop = probs.cumsum(-1) - probs >= params.top_p
+        drop[0] = False
         logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
     return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+
+
+def seeded_generator(seed: int | None) -> torch.Generator:
+    """The sampling generator of one row: from its seed, else a random one."""
+    return torch.Generator().manual_seed(seed if seed is not None
+                                         else int(torch.randint(2**62, ())))
 
 
 def _stop_ids(model: MonetForCausalLM, params: SamplingParams) -> set[int]:
@@ -103,7 +119,8 @@ def stream_generate(
     """Yield, per decode step, the new token of every unfinished row.
 
     should_abort(row) lets a caller drop a row (e.g. its client went away); it then finishes
-    with reason "abort".
+    with reason "abort". A row whose sampling fails finishes alone with reason "error"; an
+    error of the whole batch (the forward pass, bad input) raises.
     """
     if not requests:
         return
@@ -133,9 +150,7 @@ def stream_generate(
     ids, attn = ids.to(device), attn.to(device)
     masks = MaskBatch.build([r.mask for r in requests], batch=B, config=config, device=device)
     cache = KVCache.allocate(config, B, total_padded, dtype=model.dtype, device=device)
-    gens = [torch.Generator().manual_seed(r.params.seed if r.params.seed is not None
-                                          else int(torch.randint(2**62, ())))
-            for r in requests]
+    gens = [r.generator or seeded_generator(r.params.seed) for r in requests]
     stops = [_stop_ids(model, r.params) for r in requests]
     generated: list[list[int]] = [[] for _ in requests]
     done = [False] * B
@@ -151,7 +166,12 @@ def stream_generate(
                 done[b] = True
                 events.append(StepEvent(b, -1, "abort"))
                 continue
-            token = _sample(logits[b], r.params, gens[b])
+            try:
+                token = _sample(logits[b], r.params, gens[b])
+            except Exception as e:  # noqa: BLE001 - this row's failure, not the batch's
+                done[b] = True
+                events.append(StepEvent(b, -1, "error", e))
+                continue
             generated[b].append(token)
             next_ids[b, 0] = token
             reason = None
@@ -188,6 +208,8 @@ def generate_batch(
     reasons = ["length"] * len(requests)
     for events in stream_generate(model, requests, decode=decode):
         for e in events:
+            if e.error is not None:
+                raise e.error
             if e.token_id >= 0:
                 tokens[e.row].append(e.token_id)
             if e.finish_reason:

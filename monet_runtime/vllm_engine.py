@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from monet_runtime.config import MonetConfig
-from monet_runtime.engine import StepOutput
+from monet_runtime.engine import InvalidRequest, StepOutput
 from monet_runtime.expert_mask import ExpertMask
 from monet_runtime.generation import SamplingParams
 
@@ -265,7 +265,8 @@ class VllmEngine:
         prompt = TokensPrompt(prompt_token_ids=list(prompt_ids))
         if salt is not None:
             prompt["cache_salt"] = salt
-        sampling = self._sampling(params, extra)
+        with _client_errors():
+            sampling = self._sampling(params, extra)
         submitted = time.perf_counter()
         acquired = False
         self._load.in_flight += 1
@@ -275,7 +276,10 @@ class VllmEngine:
                 acquired = True
             slot_wait = time.perf_counter() - submitted
             queue_time, timed = None, False
-            async for out in self._llm.generate(prompt, sampling, request_id):
+            outputs = self._llm.generate(prompt, sampling, request_id)
+            with _client_errors():  # vLLM checks the request as it takes it
+                first = await anext(outputs, None)
+            async for out in _prepend(first, outputs):
                 completion = out.outputs[0]
                 info = {"num_cached_tokens": out.num_cached_tokens or 0}
                 if not timed:  # the first output: the request ran
@@ -340,6 +344,27 @@ def _tcmalloc_for_the_engine_core() -> contextlib.AbstractContextManager:
     if not current_platform.is_cpu() or library is None or "tcmalloc" in (preload or ""):
         return contextlib.nullcontext()
     return set_env_var("LD_PRELOAD", f"{library}:{preload}" if preload else library)
+
+
+@contextlib.contextmanager
+def _client_errors() -> Iterator[None]:
+    """vLLM's refusal of a request's own values (VLLMClientError, e.g. temperature above 2;
+    its older checks raise ValueError) as InvalidRequest, naming the field."""
+    from vllm.exceptions import VLLMClientError
+
+    try:
+        yield
+    except (VLLMClientError, ValueError) as e:
+        if isinstance(e, InvalidRequest):
+            raise
+        raise InvalidRequest(str(e), param=getattr(e, "parameter", None)) from e
+
+
+async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
+    if first is not None:
+        yield first
+        async for item in rest:
+            yield item
 
 
 def _queue_time(stats, slot_wait: float) -> float:

@@ -9,6 +9,11 @@ above tokens: text, stop strings, limits, mask resolution, metrics.
     async for event in events:      # one event per generated token
         ...                         # event.finish_reason is set on the last one
     await events.aclose()           # before the last event: aborts the request
+
+An engine's exception may carry an HTTP `status` and the `param` at fault (EngineError,
+structurally: monet_runtime.engine.InvalidRequest is a 400, EngineClosed a 503); the server
+answers that request with them. Any other exception is a 500, for that request alone: an
+engine never fails one request for another's input.
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "Engine",
+    "EngineError",
     "EngineRequest",
     "MaskSpec",
     "RoutedExpert",
     "Sampling",
     "TokenEvent",
     "Tokenizer",
+    "error_status",
 ]
 
 
@@ -64,6 +71,22 @@ class TokenEvent(Protocol):
     queue_time: float | None  # seconds from submission to running (first event only)
 
 
+class EngineError(Protocol):
+    """What an engine's exception carries when it is not the server's fault."""
+
+    status: int  # 4xx: the request's own input; 503: the engine is closing
+    param: str | None  # the request field at fault
+
+
+def error_status(exc: BaseException) -> tuple[int, str | None] | None:
+    """(status, param) of an EngineError, None for any other exception."""
+    status = getattr(exc, "status", None)
+    if isinstance(status, int) and not isinstance(status, bool) and 400 <= status < 600:
+        param = getattr(exc, "param", None)
+        return status, param if isinstance(param, str) else None
+    return None
+
+
 class RoutedExpert(Protocol):
     """A composite expert (i, j) of a routing layer and its weight g_ij for one token.
     A routing layer's weights hold for every layer of its routing group (`layers`)."""
@@ -97,7 +120,8 @@ class Engine(Protocol):
 
     def stream(self, request: EngineRequest) -> AsyncIterator[TokenEvent]:
         """Generate with the request's own mask; closing the iterator early aborts.
-        ValueError for a request the model cannot run (e.g. a token id outside the vocab)."""
+        An EngineError with a 4xx status for a request the model cannot run (e.g. a token id
+        outside the vocab), raised by this request's iterator only."""
         ...
 
     async def abort(self, request_id: str) -> None: ...

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from server.engine import Engine, EngineRequest, Sampling
+from server.engine import Engine, EngineRequest, Sampling, TokenEvent, error_status
 from server.errors import ApiError
 from server.logs import REQUEST_ID, log_event
 from server.masking import MaskResolver, ProfileRef, ResolvedMask
@@ -101,12 +101,30 @@ class Prepared:
     arrival: float
 
 
+async def _api_errors(events: AsyncIterator[TokenEvent]) -> AsyncIterator[TokenEvent]:
+    """The engine's events; an EngineError (the request's own input, a closing engine) becomes
+    the ApiError of its status, naming the field."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as e:
+        known = error_status(e)
+        if known is None:
+            raise
+        status, param = known
+        message = str(e)
+        raise ApiError(status, message if len(message) <= 300 else message[:300] + "...",
+                       param=param,
+                       headers={"Retry-After": "5"} if status == 503 else None) from e
+
+
 class GenerationService:
     def __init__(self, engine: Engine, resolver: MaskResolver, metrics: Metrics,
                  settings: Settings):
         self.engine, self.resolver, self.metrics = engine, resolver, metrics
         self.settings = settings
         self.admission = Admission(settings.max_concurrent_requests, metrics)
+        self.running: set[str] = set()  # engine request ids of the generations in flight
 
     # ---- input ---------------------------------------------------------------------------
     def prompt_ids(self, text: str | None, ids: list[int] | None, *, param: str = "prompt",
@@ -160,15 +178,25 @@ class GenerationService:
         request_id = f"{REQUEST_ID.get() or 'req'}-{uuid.uuid4().hex[:6]}"
         return Prepared(request_id, inp, resolved, ticket, arrival)
 
+    async def abort_running(self) -> int:
+        """Abort every generation in flight (the drain's deadline): each ends cleanly, with
+        finish_reason "abort". How many there were."""
+        ids = list(self.running)
+        for request_id in ids:
+            await self.engine.abort(request_id)
+        return len(ids)
+
     async def stream(self, p: Prepared) -> AsyncIterator[Delta]:
         """Text deltas; the last one has the finish reason. Releases the admission ticket."""
         detok = Detokenizer(self.engine.tokenizer, p.input.stop)
         request = EngineRequest(p.request_id, p.input.prompt_ids, p.input.sampling,
                                 p.resolved.spec)
         events = self.engine.stream(request)
+        checked = _api_errors(events)
         reason, last, first_at = "abort", None, None
+        self.running.add(p.request_id)
         try:
-            async for event in events:
+            async for event in checked:
                 now = time.monotonic()
                 if event.queue_time is not None:
                     self.metrics.queue_time.observe(event.queue_time)
@@ -195,8 +223,10 @@ class GenerationService:
                 if delta.token_ids:
                     yield delta
         finally:  # bookkeeping first: under cancellation the await below may not return
+            self.running.discard(p.request_id)
             p.ticket.release()
             self._record(p, detok, reason, first_at)
+            await checked.aclose()
             await events.aclose()  # aborts the request if it is still running
 
     def _record(self, p: Prepared, detok: Detokenizer, reason: str, first_at) -> None:

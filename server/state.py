@@ -2,6 +2,12 @@
 watch starts with the app (retrying while the store is away or failing), profile versions are
 refreshed for /metrics, /ready reports the store and the watch, and shutdown drains in-flight
 requests before the engine stops.
+
+The drain starts with the signal (begin_drain, from `monet serve`), while the server still
+listens: new generations get 503 (and /ready says draining), the engine keeps stepping the
+running ones to their end, and those still running shortly before the drain timeout are aborted
+so that they end cleanly (finish_reason "abort"). Then uvicorn stops and the lifespan closes the
+engine, the cache and the store.
 """
 
 from __future__ import annotations
@@ -9,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +37,7 @@ from server.store import InstrumentedStore
 __all__ = ["ServerState", "lifespan"]
 
 VERSIONS_EVERY_S = 5.0
+ABORT_MARGIN_S = 2.0  # abort what still runs this long before the drain timeout (at most 20%)
 
 
 @dataclass(eq=False)
@@ -117,6 +124,37 @@ class ServerState:
               and not checks["draining"]
               and checks.get("default_profile", True) is not False)
         return ok, checks
+
+    def begin_drain(self, then: Callable[[], None]) -> None:
+        """Refuse new generations (503), let the running ones finish (those still running near
+        the drain timeout are aborted: they end with finish_reason "abort"), then call `then`
+        (the server stops). In the event loop's thread."""
+        if self.service.admission.draining:
+            return
+        self.service.admission.draining = True
+        log_event("monet.server", "draining", in_flight=self.service.admission.count,
+                  drain_timeout_s=self.settings.drain_timeout_s)
+        self.tasks.append(asyncio.get_running_loop().create_task(self._drain(then)))
+
+    async def _drain(self, then: Callable[[], None]) -> None:
+        timeout = self.settings.drain_timeout_s
+        margin = min(ABORT_MARGIN_S, 0.2 * timeout)
+        admission = self.service.admission
+        try:
+            await asyncio.wait_for(self._until(lambda: admission.count == 0), timeout - margin)
+        except TimeoutError:
+            n = await self.service.abort_running()
+            log_event("monet.server", "drain deadline: aborted the generations still running",
+                      level=logging.WARNING, aborted=n)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._until(lambda: admission.count == 0), margin)
+        log_event("monet.server", "drained", in_flight=admission.count)
+        then()
+
+    @staticmethod
+    async def _until(done: Callable[[], bool], every_s: float = 0.05) -> None:
+        while not done():
+            await asyncio.sleep(every_s)
 
     async def close(self) -> None:
         self.service.admission.draining = True

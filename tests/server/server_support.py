@@ -88,3 +88,18 @@ def client(server: ServerProcess, key: str | None = GEN_KEY, **kwargs) -> httpx.
 
 def unique(prefix: str = "p") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def poisoned_batch(c: httpx.Client, *, innocents: list[dict], culprit: dict,
+                   blocker: dict) -> tuple[list[httpx.Response], httpx.Response]:
+    """POST /generate for the innocents and the culprit at once, while `blocker` runs, so that
+    they queue together and run as one batch: (the innocents' responses, the culprit's)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(innocents) + 2) as pool:
+        running = pool.submit(c.post, "/generate", json=blocker)
+        time.sleep(0.5)  # the blocker has its batch; the rest wait for the next one
+        futures = [pool.submit(c.post, "/generate", json=body) for body in [*innocents, culprit]]
+        responses = [f.result() for f in futures]
+        assert running.result().status_code == 200
+    return responses[:-1], responses[-1]

@@ -5,7 +5,6 @@ generation, and shutdown drains in-flight requests (the last test stops this ser
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import threading
 import time
@@ -128,8 +127,7 @@ def test_shutdown_drains_in_flight_requests(local):
     t.join(timeout=300)
     assert result["status"] == 200
     assert len(result["body"]["token_ids"]) == 400 and result["body"]["finish_reason"] == "length"
-    # uvicorn re-raises the signal once drained: the conventional exit status of SIGTERM
-    assert local.proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    assert local.proc.wait(timeout=60) == 0  # drained
     assert "Application shutdown complete." in local.log()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{local.url}/health", timeout=2)
