@@ -9,6 +9,8 @@ profile must not exist); `write` is `put` that also reports the version it repla
 turns the store's notifications into ChangeEvents and resynchronises from `changes(since)`
 whenever it may have missed some (a sequence gap, a token that does not follow its own, a
 dropped connection, or no news for a while); a history other than its own yields RESET.
+`head()` is (seq, token) alone, in one round trip: a cache asks it before every answer and
+`catch_up`s when it is not where the cache is.
 Store failures raise StoreUnavailable, never "not found", so that callers can fail closed; a
 record that cannot be decoded raises ProfileCorrupt, naming the profile.
 """
