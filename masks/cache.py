@@ -1,12 +1,14 @@
-"""An in-memory cache of mask profiles for one model, kept current by a store's watch.
+"""An in-memory cache of mask profiles for one model, current before every answer.
 
-A replica asks `get(name)` per request: a dict lookup when cached, a store read otherwise.
-Change events (polled by `refresh()`, or by the thread `start()` runs) drop entries that a
-newer version or a delete made stale; RESET (the store emptied, restored or replaced) drops
-everything, and a read that straddled it is not kept. Failing closed: when the watch has not
-reached the store for `max_staleness` seconds, `get` raises StoreUnavailable rather than serve a
-profile that may have changed or been deleted meanwhile. The watch thread survives any error:
-it records it (`last_error`, for /ready), resynchronises and retries.
+A replica asks `get(name)` per request. Each get first asks the store for its head (seq, token)
+in one round trip: when it is the position the cache is current to, a hit is a dict lookup;
+otherwise the cache catches up (`catch_up`: the changed names, or RESET when the store was
+emptied, restored or replaced, which drops everything) before answering, one catch-up shared by
+concurrent callers. A watch thread (`start()`) applies the store's notifications ahead of that,
+and reports its health (`last_error`, for /ready); correctness does not wait on it. Events only
+ever drop entries, and a read that straddled a change is not kept. Failing closed: when the store
+cannot be reached, cached profiles serve until `max_staleness` seconds after the store was last
+reached, then `get` raises StoreUnavailable.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from collections import OrderedDict
 
 from masks.schema import MaskProfile, check_model
-from masks.store import RESET, ChangeEvent, MaskStore, StoreUnavailable, Watch
+from masks.store import RESET, ChangeEvent, MaskStore, StoreUnavailable, Watch, catch_up
 
 __all__ = ["ProfileCache"]
 
@@ -42,7 +44,9 @@ class ProfileCache:
         self._latest: OrderedDict[str, MaskProfile] = OrderedDict()
         self._known: dict[str, int] = {}  # newest version (or delete) seen in events
         self._resets = 0  # RESETs applied: a read begun before one is not cached
-        self._lock = threading.Lock()
+        self._at: tuple[int, str | None] | None = None  # the store position the cache is current to
+        self._lock = threading.Lock()  # the entries, _known, _resets and _at change together
+        self._sync_lock = threading.Lock()  # one catch-up at a time
         self._watch: Watch | None = None
         self._last_sync = time.monotonic()
         self._thread: threading.Thread | None = None
@@ -52,7 +56,7 @@ class ProfileCache:
     # ---- reading -------------------------------------------------------------------------
     def get(self, name: str, version: int | None = None) -> MaskProfile:
         """The latest (or a given) version; ProfileNotFound, StoreUnavailable, ModelMismatch."""
-        self._check_fresh()
+        self.sync()
         with self._lock:
             resets = self._resets
             cached = self._latest.get(name) if version is None else None
@@ -64,22 +68,46 @@ class ProfileCache:
             check_model(profile, self.model_id)
         if version is None:
             with self._lock:
-                if resets == self._resets and profile.version >= self._known.get(name, 0):
+                if (resets == self._resets and self._at is not None
+                        and profile.version >= self._known.get(name, 0)):
                     self._latest[name] = profile
                     while len(self._latest) > self.max_entries:
                         self._latest.popitem(last=False)
         return profile
 
-    def _check_fresh(self) -> None:
-        if self._watch is None:
-            return  # not watching: every miss reads the store, hits are the caller's choice
-        age = time.monotonic() - self._last_sync
-        if age > self.max_staleness:
-            raise StoreUnavailable(f"mask store not reached for {age:.0f} s "
-                                   f"({self.last_error}); refusing possibly stale profiles")
+    def sync(self) -> None:
+        """Make the cache current to the store's head now: one round trip when it is; a
+        catch-up (shared by concurrent callers) when the store moved or is another history;
+        the staleness bound when the store cannot be reached."""
+        try:
+            head = self.store.head()
+        except StoreUnavailable:
+            age = time.monotonic() - self._last_sync
+            if age > self.max_staleness:
+                raise StoreUnavailable(f"mask store not reached for {age:.0f} s "
+                                       f"({self.last_error}); refusing possibly stale profiles"
+                                       ) from None
+            return  # cached profiles serve within the bound; misses fail at the store
+        if head != self._at:
+            with self._sync_lock:
+                if head != self._at:  # not caught up by the caller before us
+                    self._catch_up(head)
+        self._last_sync = time.monotonic()
+
+    def _catch_up(self, head: tuple[int, str]) -> None:
+        at = self._at
+        if at is None:  # never synced: start empty at the head (nothing cached can be stale)
+            events, position = [ChangeEvent(head[0], RESET, 0, True)], head
+        else:
+            events, changes = catch_up(self.store, *at)
+            position = (changes.seq, changes.token)
+        self.apply(events, position=position)
 
     # ---- keeping current -----------------------------------------------------------------
-    def apply(self, events: list[ChangeEvent]) -> None:
+    def apply(self, events: list[ChangeEvent], *,
+              position: tuple[int, str | None] | None = None) -> None:
+        """Drop what the events made stale; `position`: the store position they bring the cache
+        to (every change up to it applied), which requests compare the store's head with."""
         with self._lock:
             for event in events:
                 if event.name == RESET:
@@ -92,21 +120,27 @@ class ProfileCache:
                 cached = self._latest.get(event.name)
                 if cached is not None and (event.deleted or cached.version != event.version):
                     del self._latest[event.name]
+            if position is not None:
+                self._at = position
 
     def refresh(self, timeout: float = 0.0) -> list[ChangeEvent]:
-        """Poll the watch once; its errors propagate (staleness grows, `last_error` says why)
-        and the next poll resynchronises."""
+        """Poll the watch once; its errors propagate (`last_error` says why) and the next poll
+        resynchronises."""
         try:
             if self._watch is None:
-                self._watch = self.store.watch()
-                self._last_sync = time.monotonic()
+                watch = self.store.watch()
+                # Start empty where the watch starts, so its positions hold for the cache too.
+                self.apply([ChangeEvent(watch.last_seq, RESET, 0, True)],
+                           position=(watch.last_seq, watch.last_token))
+                self._watch = watch
             events = self._watch.poll(timeout)
         except Exception as e:
             self.last_error = e
             if self._watch is not None:
                 self._watch.mark_stale()
             raise
-        self.apply(events)
+        if events:
+            self.apply(events, position=(self._watch.last_seq, self._watch.last_token))
         self._last_sync = time.monotonic()
         self.last_error = None
         return events

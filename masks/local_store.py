@@ -230,6 +230,12 @@ class LocalMaskStore:
         with self._io("reading the change sequence"), self._lock:
             return self._db().execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
 
+    def head(self) -> tuple[int, str]:
+        with self._io("reading the head"), self._lock:
+            row = self._db().execute(
+                "SELECT seq, token FROM changes ORDER BY seq DESC LIMIT 1").fetchone()
+        return (int(row[0]), row[1]) if row else (0, "")
+
     def changes(self, since: int = 0) -> ChangeSet:
         with self._io("reading changes"), self._lock, self._transaction("DEFERRED") as db:
             last = db.execute("SELECT seq, token FROM changes ORDER BY seq DESC LIMIT 1")

@@ -119,6 +119,11 @@ if not blob then return false end
 return {tonumber(v), blob}
 """
 
+_HEAD = """
+local seq = redis.call('GET', KEYS[1]) or '0'
+return {seq, redis.call('HGET', KEYS[2], seq) or ''}
+"""
+
 _CHANGES = """
 local seq = redis.call('GET', KEYS[1]) or '0'
 local since = ARGV[1]
@@ -159,6 +164,8 @@ class RedisMaskStore:
         self._delete = client.register_script(_DELETE)
         self._get = client.register_script(_GET)
         self._changes = client.register_script(_CHANGES)
+        self._head = client.register_script(_HEAD)
+        self._once = self._no_retry_client()  # head(): asked per request, so fail at once
 
     @classmethod
     def from_url(
@@ -269,15 +276,24 @@ class RedisMaskStore:
         with self._io("reading the change sequence"):
             return int(self.client.get(f"{self.ns}:seq") or 0)
 
+    def head(self) -> tuple[int, str]:
+        with self._io("reading the head"):
+            seq, token = self._head(keys=[f"{self.ns}:seq", f"{self.ns}:tokens"],
+                                    client=self._once)
+        return self._seq(seq), token.decode()
+
+    def _seq(self, value: bytes) -> int:
+        try:
+            return int(value)
+        except ValueError:
+            raise StoreUnavailable(f"Redis mask store: {self.ns}:seq is corrupt: "
+                                   f"{value[:40]!r}") from None
+
     def changes(self, since: int = 0) -> ChangeSet:
         with self._io("reading changes"):
             out = self._changes(keys=[f"{self.ns}:seq", f"{self.ns}:names", f"{self.ns}:tokens"],
                                 args=[since, f"{self.ns}:head:"])
-        try:
-            seq = int(out[0])
-        except ValueError:
-            raise StoreUnavailable(f"Redis mask store: {self.ns}:seq is corrupt: "
-                                   f"{out[0][:40]!r}") from None
+        seq = self._seq(out[0])
         token, since_token, rows = out[1].decode(), out[2], out[3:]
         events = [_head_event(rows[k : k + 4], seq) for k in range(0, len(rows), 4)]
         return ChangeSet(seq, sorted(events, key=lambda e: e.seq), token,
@@ -291,10 +307,12 @@ class RedisMaskStore:
             self.client.ping()
 
     def close(self) -> None:
+        self._once.close()
         self.client.close()
 
-    def _pubsub_client(self) -> redis.Redis:
-        """A client for subscriptions that never reconnects silently (we must know)."""
+    def _no_retry_client(self) -> redis.Redis:
+        """A client that never retries: for subscriptions (a reconnection must be known) and
+        for head(), which a request waits on (the cache then applies its staleness bound)."""
         pool = self.client.connection_pool
         kwargs = {**pool.connection_kwargs, "retry": Retry(NoBackoff(), 0)}
         return redis.Redis(connection_pool=redis.ConnectionPool(
@@ -306,7 +324,7 @@ class RedisWatch(Watch):
 
     def __init__(self, store: RedisMaskStore, *, since: int | None, resync_interval: float):
         self._redis = store
-        self._client = store._pubsub_client()
+        self._client = store._no_retry_client()
         self._pubsub: redis.client.PubSub | None = None
         self.reconnects = 0
         self._subscribe()  # before reading the baseline seq: nothing falls in between

@@ -9,6 +9,8 @@ profile must not exist); `write` is `put` that also reports the version it repla
 turns the store's notifications into ChangeEvents and resynchronises from `changes(since)`
 whenever it may have missed some (a sequence gap, a token that does not follow its own, a
 dropped connection, or no news for a while); a history other than its own yields RESET.
+`head()` is (seq, token) alone, in one round trip: a cache asks it before every answer and
+`catch_up`s when it is not where the cache is.
 Store failures raise StoreUnavailable, never "not found", so that callers can fail closed; a
 record that cannot be decoded raises ProfileCorrupt, naming the profile.
 """
@@ -38,6 +40,7 @@ __all__ = [
     "VersionConflict",
     "Watch",
     "Written",
+    "catch_up",
     "open_store",
 ]
 
@@ -141,6 +144,11 @@ class MaskStore(Protocol):
 
     def current_seq(self) -> int: ...
 
+    def head(self) -> tuple[int, str]:
+        """(seq, token) of the latest write, (0, "") when empty: one round trip, asked before
+        every masked request to tell whether a cache is still current."""
+        ...
+
     def changes(self, since: int = 0) -> ChangeSet: ...
 
     def watch(self, since: int | None = None) -> Watch:
@@ -212,16 +220,11 @@ class Watch:
             del self._seen[next(iter(self._seen))]
 
     def _resync(self) -> list[ChangeEvent]:
-        changes = self._store.changes(self.last_seq)
+        events, changes = catch_up(self._store, self.last_seq, self.last_token)
         self._last_check = time.monotonic()
         self._needs_resync = False
-        if changes.seq < self.last_seq or (self.last_token is not None
-                                           and changes.since_token != self.last_token):
-            changes = self._store.changes(0)  # not the history followed: start again
-            events = [ChangeEvent(changes.seq, RESET, 0, True), *changes.events]
+        if events and events[0].name == RESET:
             self._seen.clear()
-        else:
-            events = [e for e in changes.events if e.seq > self.last_seq]
         if events or changes.seq != self.last_seq:
             self.resyncs += 1
         self._follow(changes.seq, changes.token)
@@ -239,6 +242,18 @@ class Watch:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def catch_up(store: MaskStore, seq: int,
+             token: str | None) -> tuple[list[ChangeEvent], ChangeSet]:
+    """The events that take a follower at (seq, token) to the store's head, and the ChangeSet
+    read (its seq and token: the new position). When the store's token at `seq` is not `token`
+    (None: trusted), the store is not the history followed: RESET, then every live profile."""
+    changes = store.changes(seq)
+    if changes.seq < seq or (token is not None and changes.since_token != token):
+        changes = store.changes(0)
+        return [ChangeEvent(changes.seq, RESET, 0, True), *changes.events], changes
+    return [e for e in changes.events if e.seq > seq], changes
 
 
 class PollingWatch(Watch):

@@ -78,6 +78,9 @@ class InstrumentedStore:
     def current_seq(self) -> int:
         return self._call("current_seq", self.inner.current_seq)
 
+    def head(self) -> tuple[int, str]:
+        return self._call("head", self.inner.head)
+
     def changes(self, since: int = 0):
         return self._call("changes", self.inner.changes, since)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -17,11 +18,15 @@ class CountingStore:
     """Wraps a store and counts reads."""
 
     def __init__(self, store):
-        self.store, self.reads = store, 0
+        self.store, self.reads, self.catch_ups = store, 0, 0
 
     def get(self, name, version=None):
         self.reads += 1
         return self.store.get(name, version)
+
+    def changes(self, since=0):
+        self.catch_ups += 1
+        return self.store.changes(since)
 
     def __getattr__(self, name):
         return getattr(self.store, name)
@@ -84,3 +89,31 @@ def test_cache_fails_closed_when_the_store_goes_away(private_redis, namespace, m
     finally:
         cache.close()
         store.close()
+
+
+def test_every_get_is_current_without_the_watch(two_replicas, make_profile):
+    """No watch thread: each get asks the store's head, so another replica's write or delete
+    shows in the very next get, and concurrent gets share one catch-up."""
+    writer, reader = two_replicas
+    writer.put(make_profile("p", model_id="monet-a"))
+    counting = CountingStore(reader)
+    cache = ProfileCache(counting, model_id="monet-a")
+    assert cache.get("p").version == 1 and cache.get("p").version == 1
+    assert (counting.reads, counting.catch_ups) == (1, 0)  # a hit costs one head, no read
+    second = writer.put(make_profile("p", seed=1, model_id="monet-a"))
+    barrier, got = threading.Barrier(8), []
+
+    def read() -> None:
+        barrier.wait()
+        got.append(cache.get("p").digest)
+
+    threads = [threading.Thread(target=read) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [second.digest] * 8
+    assert counting.catch_ups == 1
+    writer.delete("p")
+    with pytest.raises(ProfileNotFound):
+        cache.get("p")

@@ -307,3 +307,17 @@ def test_watch_resets_when_the_store_is_not_the_one_it_followed(connect, make_pr
         {("p", writes_after)} if writes_after else set())
     if writes_after:
         assert reader.get("p").digest == make_profile("p", seed=9 + writes_after).digest
+
+
+def test_head_is_the_latest_write(connect, make_profile):
+    store, other = connect(), connect()
+    store.put(make_profile("p"))
+    changes = store.changes(0)
+    assert store.head() == (changes.seq, changes.token) == (store.current_seq(), changes.token)
+    other.put(make_profile("p", seed=1))
+    seq, token = store.head()
+    assert seq == changes.seq + 1 and token not in ("", changes.token)
+    connect.wipe()
+    assert store.head() == (0, "")
+    other.put(make_profile("p"))
+    assert store.head()[0] == 1 and store.head()[1] not in ("", changes.token, token)
