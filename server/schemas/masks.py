@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from server.schemas.common import Strict, TokenId
 
@@ -43,11 +44,27 @@ class ProfileWrite(Strict):
     provenance: dict[str, Any] | None = None
     evaluation: dict[str, Any] | None = None
 
+    @field_validator("provenance", "evaluation")
+    @classmethod
+    def _finite(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        _check_finite(value, "")
+        return value
+
     @model_validator(mode="after")
     def _one_form(self):
         if (self.layers is None) == (self.experts is None):
             raise ValueError("give exactly one of 'layers' and 'experts'")
         return self
+
+
+def _check_finite(value: Any, where: str) -> None:
+    """NaN and infinities (which JSON cannot carry back out) anywhere in free-form data."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where or 'value'}: numbers must be finite")
+    items = value.items() if isinstance(value, dict) else (
+        enumerate(value) if isinstance(value, list) else ())
+    for key, item in items:
+        _check_finite(item, f"{where}.{key}" if where else str(key))
 
 
 class WriteResult(BaseModel):
