@@ -18,7 +18,8 @@ __all__ = ["ERROR_RESPONSES", "ApiError", "ErrorBody", "install_error_handlers"]
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 409: "conflict_error", 413: "request_too_large",
-          421: "misdirected_request", 422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+          421: "misdirected_request", 422: "invalid_request_error", 429: "rate_limit_error",
+          503: "service_unavailable"}
 
 
 class ApiError(Exception):

@@ -98,7 +98,7 @@ def _mask(layers: list[LayerExperts], num_experts: int, form: str) -> ExpertMask
         raise ApiError(422, f"{form}: {e}", param=form) from None
     finally:
         for entry in layers:
-            while entry.experts:
+            while isinstance(entry.experts, list) and entry.experts:
                 del entry.experts[-(1 << 16):]
 
 

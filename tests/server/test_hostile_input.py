@@ -147,33 +147,36 @@ def test_ten_megabyte_input_gets_a_small_422(open_server):
         assert len(r.content) < 4096
 
 
-def _health_during(c: httpx.Client, send) -> tuple[float, httpx.Response]:
-    """The slowest /health answer while `send()` runs in another thread."""
+def _health_during(c: httpx.Client, send) -> tuple[float, float, httpx.Response]:
+    """The slowest /health answer while `send()` runs in another thread, and send's time."""
     result: list[httpx.Response] = []
     thread = threading.Thread(target=lambda: result.append(send()))
+    start = time.monotonic()
     thread.start()
     worst = 0.0
-    time.sleep(0.3)  # the upload itself (15 MB over loopback) is quick
     while thread.is_alive():
-        start = time.monotonic()
-        assert c.get("/health", timeout=30).status_code == 200
-        worst = max(worst, time.monotonic() - start)
+        asked = time.monotonic()
+        assert c.get("/health", timeout=120).status_code == 200
+        worst = max(worst, time.monotonic() - asked)
         time.sleep(0.02)
     thread.join()
-    return worst, result[0]
+    return worst, time.monotonic() - start, result[0]
 
 
 def test_health_answers_while_a_large_mask_validates(open_server):
+    """A ratio, the machine being shared: on the event loop, validation stalled /health for
+    most of the PUT (7-8 s of ~10 s); in a child process /health waits a small part of it."""
     pairs = ",".join(f"[{n % 16},{n // 16 % 16}]" for n in range(2_200_000))
     body = f'{{"layers": [{{"layer": 0, "experts": [{pairs}]}}]}}'.encode()
     assert len(body) < 16 * MiB
     with client(open_server, None) as c, client(open_server, None) as put:
-        worst, r = _health_during(c, lambda: put.put(
-            f"/masks/{unique('big')}", content=body, timeout=120,
+        worst, took, r = _health_during(c, lambda: put.put(
+            f"/masks/{unique('big')}", content=body, timeout=300,
             headers={"Content-Type": "application/json"}))
         assert r.status_code == 201, r.text[:300]
-        print(f"slowest /health during a {len(body) / MiB:.1f} MiB PUT: {worst:.3f} s")
-        assert worst < 0.5
+        print(f"slowest /health during a {len(body) / MiB:.1f} MiB PUT of {took:.1f} s: "
+              f"{worst:.3f} s")
+        assert worst < max(0.5, 0.25 * took)
 
 
 # ---- finding 3: the compressed-mask bomb ---------------------------------------------------
