@@ -59,9 +59,11 @@ def test_non_finite_numbers_are_422_naming_the_field(gen, literal, path, body, f
 
 
 def test_non_finite_numbers_in_mask_bodies(admin):
-    text = json.dumps({"layers": LAYERS, "evaluation": {"loss": 0.5}}).replace("0.5", "NaN")
+    provenance = {"builder": "test", "thresholds": {"factor": 0.5}}
+    text = json.dumps({"layers": LAYERS, "provenance": provenance}).replace("0.5", "NaN")
     r = post_raw(admin, f"/masks/{unique()}", text, method="PUT")
-    assert r.status_code == 422 and error(r)["param"] == "evaluation", r.text
+    assert r.status_code == 422 and error(r)["param"] == "provenance", r.text
+    assert "thresholds.factor" in error(r)["message"]
     text = json.dumps({"kind": "toxicity", "records": [{"text": "x", "score": 0.5}]})
     r = post_raw(admin, f"/masks/{unique()}/build", text.replace("0.5", "Infinity"))
     assert r.status_code == 422 and error(r)["param"].startswith("records.0.score"), r.text
