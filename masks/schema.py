@@ -91,7 +91,7 @@ def default_author() -> str:
 
 
 def valid_name(name: str) -> bool:
-    return bool(_NAME_RE.match(name))
+    return bool(_NAME_RE.fullmatch(name))
 
 
 def slug(text: str) -> str:
@@ -223,7 +223,8 @@ class MaskProfile(BaseModel):
             mask = value
         elif isinstance(value, dict) and value.get("encoding") == _COMPACT_ENCODING:
             try:
-                mask = ExpertMask.from_bytes(base64.b64decode(value["data"], validate=True))
+                data = base64.b64decode(value["data"], validate=True)
+                mask = ExpertMask.from_bytes(data, num_layers=num_layers, num_experts=num_experts)
             except (KeyError, ValueError, TypeError) as e:
                 raise ValueError(f"compact experts are corrupt: {e}") from None
         elif isinstance(value, dict):
@@ -278,7 +279,13 @@ class MaskProfile(BaseModel):
             meta = json.loads(data[start : start + size])
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise MaskError(f"binary profile metadata is corrupt: {e}") from None
-        meta["experts"] = ExpertMask.from_bytes(data[start + size :])
+        if not isinstance(meta, dict):
+            raise MaskError("binary profile metadata is not an object")
+        shape = meta.get("num_layers"), meta.get("num_experts")
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape):
+            raise MaskError("binary profile metadata lacks num_layers and num_experts")
+        meta["experts"] = ExpertMask.from_bytes(data[start + size :], num_layers=shape[0],
+                                                num_experts=shape[1])
         return cls.model_validate(meta)
 
     # ---- use -----------------------------------------------------------------------------

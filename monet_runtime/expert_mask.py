@@ -22,7 +22,7 @@ import numpy as np
 if TYPE_CHECKING:  # torch only for the kernel form: the server reads masks without it
     import torch
 
-__all__ = ["ExpertMask", "MaskError"]
+__all__ = ["MAX_EXPERTS", "ExpertMask", "MaskError"]
 
 _MAGIC = b"MONETMSK"
 _VERSION = 1
@@ -30,8 +30,39 @@ _HEADER = struct.Struct("<8sHII")  # magic, version, num_experts, number of laye
 _LAYER = struct.Struct("<II")  # layer, compressed byte count
 
 
+MAX_EXPERTS = 4096  # E bound of the binary form when the model's E is not given (2 MiB/layer)
+
+
 class MaskError(ValueError):
     """A mask that is malformed or does not fit the model."""
+
+
+def _inflate(payload: bytes, expected: int, layer: int) -> bytes:
+    """zlib-decompress one layer's bitset, which must be exactly `expected` bytes; stops
+    after expected + 1 bytes whatever the payload claims."""
+    inflater = zlib.decompressobj()
+    try:
+        raw = inflater.decompress(payload, expected + 1)
+    except zlib.error as e:
+        raise MaskError(f"binary mask layer {layer} is corrupt: {e}") from None
+    if len(raw) > expected or inflater.unconsumed_tail:
+        raise MaskError(f"binary mask layer {layer}: bitset larger than the {expected} bytes "
+                        "of an E x E layer")
+    if len(raw) < expected or not inflater.eof or inflater.unused_data:
+        raise MaskError(f"binary mask layer {layer}: bitset of {len(raw)} bytes is not the "
+                        f"{expected} bytes of an E x E layer (truncated or trailing data)")
+    return raw
+
+
+def _as_pairs(experts: Any, chunk: int = 1 << 16) -> np.ndarray:
+    """int64 [N, 2] from an array or a list of pairs; a long list converts in chunks, so that
+    other threads get the GIL in between (one np.asarray of millions of lists holds it for
+    seconds)."""
+    if not isinstance(experts, list) or len(experts) <= chunk:
+        return np.asarray(experts, dtype=np.int64)
+    parts = [np.asarray(experts[n : n + chunk], dtype=np.int64).reshape(-1, 2)
+             for n in range(0, len(experts), chunk)]
+    return np.concatenate(parts)
 
 
 def _keys(pairs: np.ndarray) -> np.ndarray:
@@ -56,7 +87,7 @@ class ExpertMask:
         for layer, experts in (layers or {}).items():
             if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or layer < 0:
                 raise MaskError(f"layer must be a non-negative integer, got {layer!r}")
-            pairs = np.asarray(experts, dtype=np.int64)
+            pairs = _as_pairs(experts)
             if pairs.size == 0:
                 continue
             if pairs.ndim != 2 or pairs.shape[1] != 2:
@@ -244,22 +275,34 @@ class ExpertMask:
         return b"".join(out)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> ExpertMask:
+    def from_bytes(cls, data: bytes, *, num_layers: int | None = None,
+                   num_experts: int | None = None) -> ExpertMask:
+        """Read the compact form, never inflating more than the model's shape allows: each
+        layer's bitset must be exactly ceil(E*E/8) bytes (E: `num_experts`, else the header's,
+        at most MAX_EXPERTS), each layer below `num_layers` and listed once. A zlib bomb stops
+        at the first byte past its bitset."""
         if len(data) < _HEADER.size:
             raise MaskError("binary mask is truncated")
         magic, version, E, count = _HEADER.unpack_from(data, 0)
         if magic != _MAGIC or version != _VERSION:
             raise MaskError("not a MONET binary mask (bad magic or version)")
+        if num_experts is not None and E != num_experts:
+            raise MaskError(f"binary mask is for E={E}, model has E={num_experts}")
+        if not 0 < E <= MAX_EXPERTS:
+            raise MaskError(f"binary mask: E={E} is outside [1, {MAX_EXPERTS}]")
+        if num_layers is not None and count > num_layers:
+            raise MaskError(f"binary mask has {count} layers, model has {num_layers}")
         offset, layers = _HEADER.size, {}
         for _ in range(count):
             if offset + _LAYER.size > len(data):
                 raise MaskError("binary mask is truncated")
             layer, size = _LAYER.unpack_from(data, offset)
             offset += _LAYER.size
-            try:
-                raw = zlib.decompress(data[offset : offset + size])
-            except zlib.error as e:
-                raise MaskError(f"binary mask layer {layer} is corrupt: {e}") from None
+            if layer in layers:
+                raise MaskError(f"binary mask lists layer {layer} twice")
+            if num_layers is not None and layer >= num_layers:
+                raise MaskError(f"binary mask names layer {layer}, model has {num_layers} layers")
+            raw = _inflate(data[offset : offset + size], (E * E + 7) // 8, layer)
             offset += size
             bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
             n = np.flatnonzero(bits[: E * E]).astype(np.int64)

@@ -62,8 +62,9 @@ class MaskSlots:
 
     # ---- profile contents (host) -----------------------------------------------------------
     def install(self, key: str, data: bytes) -> None:
-        table_LW = ExpertMask.from_bytes(data).to_table(num_layers=self.num_layers,
-                                                       num_experts=self.num_experts)
+        mask = ExpertMask.from_bytes(data, num_layers=self.num_layers,
+                                     num_experts=self.num_experts)
+        table_LW = mask.to_table(num_layers=self.num_layers, num_experts=self.num_experts)
         self.profiles[key] = table_LW.to(torch.int32).contiguous()
         slot = self.slot_of.get(key)
         if slot is not None and self.pins[slot] == 0:  # stale copy: reload on next use

@@ -16,8 +16,8 @@ from server.metrics import Metrics
 from server.profiles import ProfileAdmin
 from server.state import ServerState
 
-__all__ = ["AdminKey", "EngineDep", "GenerateKey", "JobsDep", "MetricsDep", "ProfilesDep",
-           "ResolverDep", "ServiceDep", "StateDep"]
+__all__ = ["AdminKey", "DocsKey", "EngineDep", "GenerateKey", "JobsDep", "MetricsDep",
+           "MetricsKey", "ProfilesDep", "ResolverDep", "ServiceDep", "StateDep"]
 
 
 def _state(request: Request) -> ServerState:
@@ -71,5 +71,19 @@ def _scope(scope: str):
     return require
 
 
+def _unless_public(setting: str):
+    """The generate scope, unless settings.<setting> opens the endpoint to everyone."""
+    scoped = _scope(GENERATE)
+
+    def require(request: Request, state: StateDep, credentials: Credentials) -> Principal | None:
+        if getattr(state.settings, setting):
+            return None
+        return scoped(request, state, credentials)
+
+    return require
+
+
 GenerateKey = Annotated[Principal, Depends(_scope(GENERATE))]
 AdminKey = Annotated[Principal, Depends(_scope(ADMIN))]
+MetricsKey = Annotated[Principal | None, Depends(_unless_public("public_metrics"))]
+DocsKey = Annotated[Principal | None, Depends(_unless_public("public_docs"))]

@@ -18,7 +18,8 @@ __all__ = ["ERROR_RESPONSES", "ApiError", "ErrorBody", "install_error_handlers"]
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 409: "conflict_error", 413: "request_too_large",
-          422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+          421: "misdirected_request", 422: "invalid_request_error", 429: "rate_limit_error",
+          503: "service_unavailable"}
 
 
 class ApiError(Exception):
@@ -62,11 +63,19 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
                           headers=exc.headers)
 
 
+def _short(text: object, limit: int = 200) -> str:
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
-    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
-    param = _loc(first.get("loc", ()))
-    message = "; ".join(f"{_loc(e.get('loc', ()))}: {e.get('msg')}" for e in errors[:5])
+    """422 naming the fields. Never the input itself: it may be 16 MiB, or NaN (which JSON
+    cannot carry); `detail` keeps each error's place, message and type only."""
+    errors = [{"loc": [p if isinstance(p, int) else _short(p, 100) for p in e.get("loc", ())],
+               "msg": _short(e.get("msg", "")),
+               "type": e.get("type", "value_error")} for e in exc.errors()[:20]]
+    param = _loc(errors[0]["loc"]) if errors else "body"
+    message = "; ".join(f"{_loc(e['loc'])}: {e['msg']}" for e in errors[:5])
     return error_response(422, message or "invalid request", param=param, detail=errors)
 
 

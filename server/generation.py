@@ -166,8 +166,9 @@ class GenerationService:
         """Admit the request and resolve its mask (ApiError: 4xx, 429, 503)."""
         state = request.scope.setdefault("state", {})
         arrival = state.get("monet_arrival", time.monotonic())
-        state["monet_profile_label"] = "+".join(
-            r.name for r in [*inp.profiles, *self.resolver.default]) or "none"
+        # until resolved, never the requested names (unbounded): they may not exist
+        masked = bool(inp.profiles or self.resolver.default)
+        state["monet_profile_label"] = "unknown" if masked else "none"
         ticket = self.admission.acquire()
         try:
             resolved = await self.resolver.resolve(inp.profiles, param=inp.profile_param)

@@ -21,10 +21,11 @@ def create_app(*, engine: Engine, store: MaskStore, settings: Settings | None = 
     settings = settings or Settings()
     state = ServerState.create(engine=engine, store=store, settings=settings, builder=builder)
     app = FastAPI(title="monet-serve", version="0.1.0", lifespan=lifespan,
-                  description="MONET language models with per-request expert mask profiles.")
+                  description="MONET language models with per-request expert mask profiles.",
+                  docs_url=None, redoc_url=None, openapi_url=None)  # ops.py: behind DocsKey
     app.state.monet = state
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes,
-                       metrics=state.metrics)
+                       metrics=state.metrics, hosts=settings.host_names())
     install_error_handlers(app)
     for module in (generate, openai, masks, jobs, inspect, ops):
         app.include_router(module.router)

@@ -57,7 +57,7 @@ def parse_refs(value: str | list[str] | None, *, param: str = "mask_profile") ->
         raise ApiError(422, f"{param}: at most {MAX_PROFILES} profiles", param=param)
     refs: list[ProfileRef] = []
     for n, item in enumerate(items):
-        match = _REF.match(item) if isinstance(item, str) else None
+        match = _REF.fullmatch(item) if isinstance(item, str) else None
         if match is None:
             where = param if isinstance(value, str) else f"{param}[{n}]"
             raise ApiError(422, f"{where}: {item!r} is not a profile name or name@version "

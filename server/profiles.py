@@ -23,6 +23,7 @@ from masks import (
     StoreUnavailable,
     VersionConflict,
 )
+from masks.schema import ExpertMask
 from pydantic import ValidationError
 
 from server.auth import Principal
@@ -31,7 +32,13 @@ from server.errors import ApiError
 from server.jobs import Job, JobManager, ProfileBuilder
 from server.logs import audit
 from server.masking import RETRY_AFTER, MaskResolver, parse_refs
-from server.schemas.masks import BuildRequest, DeleteResult, ProfileWrite, WriteResult
+from server.schemas.masks import (
+    BuildRequest,
+    DeleteResult,
+    LayerExperts,
+    ProfileWrite,
+    WriteResult,
+)
 from server.store import InstrumentedStore
 
 __all__ = ["ProfileAdmin", "parse_precondition", "store_errors"]
@@ -70,11 +77,30 @@ def parse_precondition(if_match: str | None, if_none_match: str | None) -> int |
     value = if_match.strip().removeprefix("W/").strip('"')
     if value == "*":
         return "*"
-    if not value.isdigit() or len(value) > 12:
+    if not (value.isascii() and value.isdigit()) or len(value) > 12:  # not '²' or '٣'
         raise ApiError(400, f"If-Match: {if_match!r} is not a profile version", param="If-Match")
     return int(value)
 
 
+
+
+def _mask(layers: list[LayerExperts], num_experts: int, form: str) -> ExpertMask:
+    """The mask of validated layers, straight from their pair lists (no copy through dicts:
+    a mask of millions of pairs); the lists are then emptied in chunks, here in the worker
+    thread, since freeing millions of lists at once would hold the GIL for the event loop."""
+    seen = set()
+    for n, entry in enumerate(layers):
+        if entry.layer in seen:
+            raise ApiError(422, f"{form}[{n}]: layer {entry.layer} is listed twice", param=form)
+        seen.add(entry.layer)
+    try:
+        return ExpertMask({l.layer: l.experts for l in layers}, num_experts=num_experts)
+    except MaskError as e:
+        raise ApiError(422, f"{form}: {e}", param=form) from None
+    finally:
+        for entry in layers:
+            while isinstance(entry.experts, list) and entry.experts:
+                del entry.experts[-(1 << 16):]
 
 
 class ProfileAdmin:
@@ -99,7 +125,7 @@ class ProfileAdmin:
                                 f"this server runs {self.engine.model_identity}", param="model_id")
         form = "layers" if body.layers is not None else "experts"
         source = body.layers if body.layers is not None else getattr(body.experts, "layers", None)
-        experts = ({"layers": [l.model_dump() for l in source]} if source is not None
+        experts = (_mask(source, self.engine.num_experts, form) if source is not None
                    else body.experts.model_dump())
         try:
             provenance = Provenance.model_validate(

@@ -14,10 +14,11 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["DEFAULT_STORE_DIR", "LOOPBACK", "Settings"]
+__all__ = ["DEFAULT_STORE_DIR", "LOCAL_NAMES", "LOOPBACK", "Settings"]
 
 DEFAULT_STORE_DIR = Path("~/.local/share/monet/masks")
 LOOPBACK = "127.0.0.1"
+LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 KeyList = Annotated[list[str], NoDecode]
 
@@ -47,6 +48,12 @@ class Settings(BaseSettings):
     # auth
     api_keys: KeyList = Field(default_factory=list)  # generate scope
     admin_keys: KeyList = Field(default_factory=list)  # generate + mask writes
+    # with keys configured, what a caller without a key may read (with no keys, all of it)
+    public_metrics: bool = False  # /metrics: profile names and traffic
+    public_docs: bool = False  # /docs and /openapi.json
+    # Host header names accepted (any port); empty: any name with keys configured, and
+    # without keys only localhost, 127.0.0.1 and [::1] (a DNS rebinding guard)
+    allowed_hosts: KeyList = Field(default_factory=list)
 
     # limits
     max_prompt_tokens: int = Field(default=4096, ge=1)
@@ -65,16 +72,15 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value):
+        return [host.lower().strip("[]") for host in _split(value)]
+
     @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod
     def _split_keys(cls, value):
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                value = json.loads(text)
-            else:
-                value = [part for part in text.split(",")]
-        keys = [str(k).strip() for k in value or [] if str(k).strip()]
+        keys = _split(value)
         for key in keys:
             if len(key.partition(":")[2] or key) < 8:
                 raise ValueError("every API key must be at least 8 characters long")
@@ -83,3 +89,17 @@ class Settings(BaseSettings):
     @property
     def auth_enabled(self) -> bool:
         return bool(self.api_keys or self.admin_keys)
+
+    def host_names(self) -> frozenset[str] | None:
+        """The Host names to accept (None: any)."""
+        if self.allowed_hosts:
+            return frozenset(self.allowed_hosts)
+        return None if self.auth_enabled else LOCAL_NAMES
+
+
+def _split(value) -> list[str]:
+    """A JSON array or comma-separated text -> its non-empty items, stripped."""
+    if isinstance(value, str):
+        text = value.strip()
+        value = json.loads(text) if text.startswith("[") else text.split(",")
+    return [str(item).strip() for item in value or [] if str(item).strip()]

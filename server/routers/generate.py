@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from server.bodies import BodyInThread
 from server.deps import GenerateKey, ServiceDep
 from server.engine import Sampling
 from server.errors import ERROR_RESPONSES, ApiError
@@ -18,7 +19,7 @@ from server.sse import sse_response
 
 __all__ = ["applied", "profile_headers", "router", "sampling", "stops"]
 
-router = APIRouter(tags=["generate"])
+router = APIRouter(tags=["generate"], route_class=BodyInThread)
 PROFILES_HEADER = "X-Monet-Mask-Profiles"
 SAMPLING_EPS = 1e-5  # below this a temperature is greedy (as vLLM)
 

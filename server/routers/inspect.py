@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from server.bodies import BodyInThread
 from server.deps import GenerateKey, StateDep
 from server.errors import ERROR_RESPONSES, ApiError
 from server.masking import ProfileRef, parse_refs
@@ -14,7 +15,7 @@ from server.schemas.masks import InspectRequest, InspectResponse
 
 __all__ = ["router"]
 
-router = APIRouter(tags=["inspect"])
+router = APIRouter(tags=["inspect"], route_class=BodyInThread)
 MAX_PROFILES = 64
 
 

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Header, Path, Query, Response
 from fastapi.responses import JSONResponse
 from masks.schema import NAME_PATTERN
 
+from server.bodies import BodyInThread
 from server.deps import AdminKey, GenerateKey, ProfilesDep
 from server.errors import ERROR_RESPONSES
 from server.profiles import parse_precondition
@@ -17,7 +18,7 @@ from server.routers.jobs import job_out
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/masks", tags=["masks"])
+router = APIRouter(prefix="/masks", tags=["masks"], route_class=BodyInThread)
 
 Name = Annotated[str, Path(pattern=NAME_PATTERN, description="Profile name.")]
 Version = Annotated[int | None, Query(ge=1, le=2**40, description="A kept version "

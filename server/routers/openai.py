@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from server.bodies import BodyInThread
 from server.deps import EngineDep, GenerateKey, ServiceDep
 from server.engine import Engine
 from server.errors import ERROR_RESPONSES, ApiError
@@ -29,7 +30,7 @@ from server.text import render_chat
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=BodyInThread)
 STARTED = int(time.time())
 
 

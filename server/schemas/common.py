@@ -10,7 +10,7 @@ __all__ = ["MaskProfileField", "Seed", "Strict", "StopField", "Temperature", "To
            "TopP", "Usage", "AppliedProfileOut"]
 
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
-Temperature = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
+Temperature = Annotated[float, Field(ge=0, le=100)]
 TopP = Annotated[float, Field(gt=0, le=1)]
 TopK = Annotated[int, Field(ge=-1, le=1 << 20, description="0 or -1: no top-k cut.")]
 Seed = Annotated[int | None, Field(ge=0, le=2**63 - 1)]
@@ -28,9 +28,11 @@ StopField = Annotated[
 
 
 class Strict(BaseModel):
-    """Unknown fields are refused: a misspelt mask_profile must not pass unnoticed."""
+    """Unknown fields are refused (a misspelt mask_profile must not pass unnoticed), types are
+    strict (no true for an integer, no "0.5" for a number; an integer is a number) and numbers
+    finite (NaN, Infinity and 1e400 are refused naming the field)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class Usage(BaseModel):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+import numpy as np
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from server.schemas.common import Strict, TokenId
 
@@ -43,11 +45,45 @@ class ProfileWrite(Strict):
     provenance: dict[str, Any] | None = None
     evaluation: dict[str, Any] | None = None
 
+    def compacted(self) -> ProfileWrite:
+        """The same body with each layer's pairs as one int64 array [N, 2] (for the trip
+        back from the process that validated it: arrays pickle as bytes)."""
+        source = self.layers if self.layers is not None else getattr(self.experts, "layers", None)
+        if source is None:
+            return self
+        layers = [LayerExperts.model_construct(layer=l.layer, experts=_pairs(l.experts))
+                  for l in source]
+        if self.layers is not None:
+            return self.model_copy(update={"layers": layers})
+        return self.model_copy(update={"experts": ExpertsJson.model_construct(layers=layers)})
+
+    @field_validator("provenance", "evaluation")
+    @classmethod
+    def _finite(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        _check_finite(value, "")
+        return value
+
     @model_validator(mode="after")
     def _one_form(self):
         if (self.layers is None) == (self.experts is None):
             raise ValueError("give exactly one of 'layers' and 'experts'")
         return self
+
+
+def _pairs(experts: list[list[int]], chunk: int = 1 << 16) -> np.ndarray:
+    parts = [np.asarray(experts[n : n + chunk], dtype=np.int64).reshape(-1, 2)
+             for n in range(0, len(experts), chunk)]
+    return np.concatenate(parts) if parts else np.empty((0, 2), dtype=np.int64)
+
+
+def _check_finite(value: Any, where: str) -> None:
+    """NaN and infinities (which JSON cannot carry back out) anywhere in free-form data."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where or 'value'}: numbers must be finite")
+    items = value.items() if isinstance(value, dict) else (
+        enumerate(value) if isinstance(value, list) else ())
+    for key, item in items:
+        _check_finite(item, f"{where}.{key}" if where else str(key))
 
 
 class WriteResult(BaseModel):

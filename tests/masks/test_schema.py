@@ -14,11 +14,13 @@ from masks.schema import (
     COMPACT_THRESHOLD,
     EvaluationReport,
     LabelLoss,
+    MaskError,
     MaskProfile,
     ModelMismatch,
     Provenance,
     SweepPoint,
     check_model,
+    valid_name,
 )
 from monet_runtime import ExpertMask
 
@@ -123,6 +125,28 @@ def test_invalid_experts_are_refused(make_profile):
         MaskProfile.from_json(data)
     with pytest.raises(Exception, match="MONET binary profile"):
         MaskProfile.from_bytes(b"garbage-garbage-garbage")
+
+
+def test_binary_profiles_are_bounded_by_their_shape(make_profile):
+    """The stores' form: the metadata's num_layers and num_experts bound the bitsets."""
+    import struct
+    import zlib
+
+    profile = make_profile("p")
+    data = profile.to_bytes()
+    (size,) = struct.unpack_from("<I", data, 10)
+    meta = data[: 14 + size]
+    bomb = zlib.compress(bytes(64 << 20), 9)
+    mask = (struct.pack("<8sHII", b"MONETMSK", 1, profile.num_experts, 1)
+            + struct.pack("<II", 0, len(bomb)) + bomb)
+    with pytest.raises(MaskError, match="larger than"):
+        MaskProfile.from_bytes(meta + mask)
+    with pytest.raises(MaskError, match="num_layers"):
+        MaskProfile.from_bytes(struct.pack("<8sHI", b"MONETPRF", 1, 2) + b"{}" + data[14 + size:])
+
+
+def test_valid_name_is_a_full_match():
+    assert valid_name("x") and not valid_name("x\n") and not valid_name("x\n\n")
 
 
 def test_check_model_names_both_identities(make_profile):

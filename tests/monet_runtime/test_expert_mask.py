@@ -98,3 +98,34 @@ def test_binary_form_is_compact_and_checked():
     for broken in (data[:5], b"NOTAMASK" + data[8:], data + b"x", data[:-10]):
         with pytest.raises(MaskError):
             ExpertMask.from_bytes(broken)
+
+
+def _binary(E: int, layers: list[tuple[int, bytes]]) -> bytes:
+    import struct
+    import zlib
+
+    data = struct.pack("<8sHII", b"MONETMSK", 1, E, len(layers))
+    for layer, bits in layers:
+        payload = zlib.compress(bits, 9)
+        data += struct.pack("<II", layer, len(payload)) + payload
+    return data
+
+
+@pytest.mark.parametrize("layers,E,shape,message", [
+    ([(0, bytes(64 << 20))], 16, {}, "larger than the 32 bytes"),  # a 64 MiB zlib bomb
+    ([(0, bytes(32)), (0, bytes(32))], 16, {}, "layer 0 twice"),
+    ([(3, bytes(32))], 16, {"num_layers": 3}, "names layer 3"),
+    ([(0, bytes(32))] * 4, 16, {"num_layers": 3}, "4 layers, model has 3"),
+    ([(0, bytes(31))], 16, {}, "31 bytes is not the 32"),
+    ([(0, bytes(32))], 16, {"num_experts": 8}, "E=16, model has E=8"),
+    ([(0, bytes(1 << 21))], 1 << 13, {}, "outside"),  # E above MAX_EXPERTS, shape unknown
+])
+def test_binary_form_is_bounded_by_the_model_shape(layers, E, shape, message):
+    """from_bytes never inflates past E*E/8 bytes a layer, whatever the payload claims."""
+    with pytest.raises(MaskError, match=message):
+        ExpertMask.from_bytes(_binary(E, layers), **shape)
+
+
+def test_binary_form_with_the_shape_reads_back():
+    mask = ExpertMask({0: [[1, 2]], 2: [[15, 15]]}, num_experts=16)
+    assert ExpertMask.from_bytes(mask.to_bytes(), num_layers=3, num_experts=16) == mask

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import httpx
 from prometheus_client.parser import text_string_to_metric_families
-from server_support import unique
+from server_support import client, unique
 
 
 def scrape(server) -> dict[str, dict]:
-    text = httpx.get(f"{server.url}/metrics").text
+    with client(server) as c:
+        text = c.get("/metrics").text
     return {f.name: f for f in text_string_to_metric_families(text)}
 
 
@@ -39,8 +39,9 @@ def test_metrics(server, gen, admin):
         return value(after, metric, **labels) - value(before, metric, **labels)
 
     assert delta("monet_requests_total", endpoint="generate", profile=name, status="200") == 3
-    assert delta("monet_requests_total", endpoint="generate", profile="missing-x",
-                 status="404") == 1
+    assert delta("monet_requests_total", endpoint="generate", profile="unknown",
+                 status="404") == 1  # unresolved names are not label values
+    assert value(after, "monet_requests_total", profile="missing-x") == 0
     assert delta("monet_prompt_tokens_total") == 3 * 4
     assert delta("monet_generation_tokens_total") == 3 * 4
     assert delta("monet_request_success_total", finished_reason="length") == 3

@@ -21,7 +21,8 @@ OPERATIONS = [
 
 @pytest.fixture(scope="module")
 def api_schema(server):
-    return schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    return schemathesis.openapi.from_url(f"{server.url}/openapi.json",
+                                         headers={"Authorization": f"Bearer {ADMIN_KEY}"})
 
 
 def test_every_operation_is_fuzzed(api_schema):
