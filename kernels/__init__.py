@@ -22,9 +22,27 @@ from kernels.mixing import (
     prepare_mixing,
 )
 from kernels.router import route, route_reference, router_sigma
+from kernels.sparse import (
+    SPARSE_MAX_SHARE,
+    ActiveExperts,
+    active_experts,
+    pack_hd,
+    pack_vd,
+    sparse_hd,
+    sparse_vd,
+    use_sparse,
+)
 
 __all__ = [
     "NO_PROFILE",
+    "SPARSE_MAX_SHARE",
+    "ActiveExperts",
+    "active_experts",
+    "pack_hd",
+    "pack_vd",
+    "sparse_hd",
+    "sparse_vd",
+    "use_sparse",
     "MixHD",
     "MixVD",
     "bitset_words",
