@@ -33,9 +33,13 @@ from kernels.mixing import bitset_words, mix_hd, mix_vd
 __all__ = ["SPARSE_MAX_SHARE", "ActiveExperts", "active_experts", "compact_table", "pack_hd",
            "pack_vd", "sparse_hd", "sparse_vd", "use_sparse"]
 
-# The sparse path wins while at most this share of the E experts per side is in use. Measured
-# on the 850M release shape (benchmarks/bench_release.py --threshold): see use_sparse.
-SPARSE_MAX_SHARE = 0.5
+# The sparse path wins while at most this share of the E experts per side is in use, per
+# activation dtype. Measured on one 850M expert layer (benchmarks/bench_release.py
+# --threshold, 2-core CPU): float32 sparse/dense 4.1x at share 0.09 (T=1), 2.1x at 0.8 (T=16),
+# parity 1.03-1.14x from 0.9 (T=24-128); bfloat16 3-19x at every share up to 1.0 (T=128),
+# the dense bfloat16 products being slow on the packed layout.
+SPARSE_MAX_SHARE = {torch.float32: 0.85, torch.bfloat16: 1.0}
+DEFAULT_MAX_SHARE = 0.85
 
 
 class ActiveExperts(NamedTuple):
@@ -73,13 +77,15 @@ def active_experts(g1_THE: torch.Tensor, g2_THE: torch.Tensor) -> ActiveExperts:
                          _restrict(g2_THE, side2, used2.numel()), {})
 
 
-def use_sparse(g1_THE, g2_THE, pairs_cache: dict | None, *,
-               max_share: float = SPARSE_MAX_SHARE) -> ActiveExperts | None:
-    """The step's ActiveExperts when at most max_share of the experts per side are in use
-    (and autograd is off), else None (the dense path). Kept in the routing group's pairs_cache
-    under "sparse", so a group's layers decide once."""
+def use_sparse(g1_THE, g2_THE, pairs_cache: dict | None, *, dtype: torch.dtype,
+               max_share: float | None = None) -> ActiveExperts | None:
+    """The step's ActiveExperts when at most max_share (None: SPARSE_MAX_SHARE for activations
+    of dtype) of the experts per side are in use and autograd is off, else None (the dense
+    path). Kept in the routing group's pairs_cache under "sparse": a group decides once."""
     if pairs_cache is not None and "sparse" in pairs_cache:
         return pairs_cache["sparse"]
+    if max_share is None:
+        max_share = SPARSE_MAX_SHARE.get(dtype, DEFAULT_MAX_SHARE)
     active = None
     if max_share > 0 and not (torch.is_grad_enabled() and g1_THE.requires_grad):
         candidate = active_experts(g1_THE, g2_THE)

@@ -233,7 +233,7 @@ class _Experts(nn.Module):
     """The expert layers' choice of path: per step, the sparse one (kernels.sparse) while at
     most `sparse_max_share` of the experts per side are in use, else the dense one."""
 
-    sparse_max_share: float = kernels.SPARSE_MAX_SHARE
+    sparse_max_share: float | None = None  # None: kernels.SPARSE_MAX_SHARE, by dtype
 
     def unpack(self) -> None:
         """Drop the packed tables; the parameters become contiguous copies of their views."""
@@ -243,19 +243,20 @@ class _Experts(nn.Module):
                     for p in self.parameters():
                         p.data = p.data.contiguous()
 
-    def _active(self, g1_THE, g2_THE, pairs_cache):
-        return kernels.use_sparse(g1_THE, g2_THE, pairs_cache, max_share=self.sparse_max_share)
+    def _active(self, y_TD, g1_THE, g2_THE, pairs_cache):
+        return kernels.use_sparse(g1_THE, g2_THE, pairs_cache, dtype=y_TD.dtype,
+                                  max_share=self.sparse_max_share)
 
 
-def set_sparse_experts(model: nn.Module, max_share: float) -> None:
+def set_sparse_experts(model: nn.Module, max_share: float | None) -> None:
     """Let the expert layers take the sparse path while at most max_share of the experts per
-    side are in use: 1 always, kernels.SPARSE_MAX_SHARE (the default) as measured, 0 never.
+    side are in use: 1 always, None (the default) as measured (kernels.SPARSE_MAX_SHARE), 0 never.
     0 also gives the v weights back their checkpoint layout (the dense path as released:
     bfloat16 matrix products on the packed layout measured up to 5x slower on the CPU)."""
     for module in model.modules():
         if isinstance(module, _Experts):
             module.sparse_max_share = max_share
-            if max_share <= 0:
+            if max_share is not None and max_share <= 0:
                 module.unpack()
 
 
@@ -276,7 +277,7 @@ class VerticalExperts(_Experts):
         self.b2 = nn.Parameter(torch.zeros(E, D // 2))
 
     def forward(self, y_TD, g1_THE, g2_THE, mask=None, pairs_cache=None) -> torch.Tensor:
-        active = self._active(g1_THE, g2_THE, pairs_cache)
+        active = self._active(y_TD, g1_THE, g2_THE, pairs_cache)
         if active is not None:
             first = _packed(self, "_first", ("v11.weight", "v12.weight", "b1"), kernels.pack_vd)
             second = _packed(self, "_second", ("v21.weight", "v22.weight", "b2"),
@@ -321,7 +322,7 @@ class HorizontalExperts(_Experts):
         self.b = nn.Parameter(torch.zeros(E, D))
 
     def forward(self, y_TD, g1_THE, g2_THE, mask=None, pairs_cache=None) -> torch.Tensor:
-        active = self._active(g1_THE, g2_THE, pairs_cache)
+        active = self._active(y_TD, g1_THE, g2_THE, pairs_cache)
         if active is not None:
             table = _packed(self, "_table", ("v.weight", "b"), kernels.pack_hd)
             return kernels.sparse_hd(y_TD, active, (self.u.weight, self.u.bias), table, mask)

@@ -150,10 +150,12 @@ def test_compact_table_keeps_the_bits_of_the_active_pairs():
 def test_use_sparse_decides_by_share_once_per_routing_group():
     g = router_weights(1, 4, 512, seed=1)
     cache = {}
-    active = use_sparse(g, g, cache)
+    f32 = torch.float32
+    active = use_sparse(g, g, cache, dtype=f32)
     assert active is not None and cache["sparse"] is active
-    assert use_sparse(g, g, cache, max_share=0.0) is active  # the group's decision stands
-    assert use_sparse(g, g, None, max_share=0.0) is None
+    assert use_sparse(g, g, cache, dtype=f32, max_share=0.0) is active  # the group's decision
+    assert use_sparse(g, g, None, dtype=f32, max_share=0.0) is None
     many = router_weights(256, 4, 512, seed=2)  # 256 tokens use nearly every expert
-    assert use_sparse(many, many, None) is None
-    assert kernels.SPARSE_MAX_SHARE * 512 >= active.side1.numel()
+    assert use_sparse(many, many, None, dtype=f32) is None
+    assert use_sparse(many, many, None, dtype=f32, max_share=1.0) is not None
+    assert kernels.SPARSE_MAX_SHARE[f32] * 512 >= active.side1.numel()
