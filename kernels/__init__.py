@@ -3,7 +3,9 @@
 Each operation has a plain-torch reference, Triton kernels for CUDA and a launcher that checks
 its inputs and picks one (`impl=` forces a choice; on a CPU the Triton kernels then need
 TRITON_INTERPRET=1). Mixing also has compiled CPU loops (Numba) over the router's nonzero
-entries, the launcher's pick for CPU float32/float64. Only torch, triton and numba are imported.
+entries, the launcher's pick for CPU float32/float64. Sparse expert layers for decode
+(kernels.sparse) evaluate only the experts a step uses, with Numba gather-GEMV loops on the CPU
+(kernels.sparse_cpu). Only torch, triton and numba are imported.
 """
 
 from __future__ import annotations
@@ -22,9 +24,27 @@ from kernels.mixing import (
     prepare_mixing,
 )
 from kernels.router import route, route_reference, router_sigma
+from kernels.sparse import (
+    SPARSE_MAX_SHARE,
+    ActiveExperts,
+    active_experts,
+    pack_hd,
+    pack_vd,
+    sparse_hd,
+    sparse_vd,
+    use_sparse,
+)
 
 __all__ = [
     "NO_PROFILE",
+    "SPARSE_MAX_SHARE",
+    "ActiveExperts",
+    "active_experts",
+    "pack_hd",
+    "pack_vd",
+    "sparse_hd",
+    "sparse_vd",
+    "use_sparse",
     "MixHD",
     "MixVD",
     "bitset_words",

@@ -164,6 +164,9 @@ class MonetDecoderLayer(nn.Module):
         self.moe = _with_vllm_linears(
             (VerticalExperts if config.vertical else HorizontalExperts)(config),
             quant_config, f"{prefix}.moe")
+        # The dense path: on the CPU vLLM's linear methods prepack u and v for oneDNN and drop
+        # the plain weights that the sparse path (kernels.sparse) reads in place.
+        self.moe.sparse_max_share = 0.0
         # The router stays unquantised: its threshold decides which experts run at all.
         self.router = (_with_vllm_linears(Router(config), None, f"{prefix}.router")
                        if config.is_routing_layer(layer) else None)

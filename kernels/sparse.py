@@ -1,0 +1,201 @@
+"""Sparse expert evaluation for decode: only the experts that a step's tokens route to.
+
+A token keeps about k experts per head and side, so a decode step of T tokens uses at most
+T*H*k of the E experts per side (batch 1 at the releases: about 46 of 512); the dense layer
+reads every expert's weights. Here, for one step:
+
+1. `active_experts`: the step's experts per side (the union over tokens of the nonzero router
+   entries), both sides padded to one count n (the padding repeats an expert with zero
+   weight), and g1, g2 restricted to them ([T, H, n]); once per routing group;
+2. the u projections at those experts only: their rows of u (and bias) gathered, one GEMM;
+3. mixing as kernels.mix_vd / mix_hd over the n compact experts, masks included (each
+   profile's bitset row remapped to the compact n x n pairs, `compact_table`);
+4. the v projections and the biases as one `embedding_bag` per half over a packed table
+   (`pack_vd`: [V11^T; V12^T; b1] and [V21^T; V22^T; b2]; `pack_hd`: [V^T; b]), which reads
+   the active experts' rows in place.
+
+The output is the dense layer's up to the order of the sums (tested against it and against
+the naive E x E oracle). `use_sparse` picks the path per step by the share of experts in use.
+
+Legend: T tokens, D hidden, H routing heads, E experts per side, M expert width, n active
+experts per side (padded), P mask profiles, R rows of a packed table.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from kernels.mixing import bitset_words, mix_hd, mix_vd
+
+__all__ = ["SPARSE_MAX_SHARE", "ActiveExperts", "active_experts", "compact_table", "pack_hd",
+           "pack_vd", "sparse_hd", "sparse_vd", "use_sparse"]
+
+# The sparse path wins while at most this share of the E experts per side is in use, per
+# activation dtype. Measured on one 850M expert layer (benchmarks/bench_release.py
+# --threshold, 2-core CPU): float32 sparse/dense 4.1x at share 0.09 (T=1), 2.1x at 0.8 (T=16),
+# parity 1.03-1.14x from 0.9 (T=24-128); bfloat16 3-19x at every share up to 1.0 (T=128),
+# the dense bfloat16 products being slow on the packed layout.
+SPARSE_MAX_SHARE = {torch.float32: 0.85, torch.bfloat16: 1.0}
+DEFAULT_MAX_SHARE = 0.85
+
+
+class ActiveExperts(NamedTuple):
+    """A step's experts per side and its routing restricted to them."""
+
+    side1: torch.Tensor  # [n] int64 expert indices, the first n1 distinct, then repeats
+    side2: torch.Tensor  # [n] int64
+    g1: torch.Tensor  # [T, H, n] float32, zero at the padding
+    g2: torch.Tensor  # [T, H, n]
+    cache: dict  # the compact routing's pairs cache and bag rows, shared by a routing group
+
+
+def _used(g_THE: torch.Tensor) -> torch.Tensor:
+    return (g_THE != 0).any(1).any(0).nonzero().squeeze(1)
+
+
+def _pad(idx: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.cat((idx, idx[:1].expand(n - idx.numel())))
+
+
+def _restrict(g_THE: torch.Tensor, idx: torch.Tensor, used: int) -> torch.Tensor:
+    g = g_THE.index_select(2, idx)
+    g[..., used:] = 0  # the padding repeats an expert: it must not count twice
+    return g
+
+
+def active_experts(g1_THE: torch.Tensor, g2_THE: torch.Tensor) -> ActiveExperts:
+    """The experts with a nonzero weight for some token of the step, per side (g [T, H, E])."""
+    used1, used2 = _used(g1_THE), _used(g2_THE)
+    n = max(used1.numel(), used2.numel(), 1)
+    if used1.numel() == 0 or used2.numel() == 0:  # no token (T = 0): any expert, zero weight
+        used1 = used2 = torch.zeros(1, dtype=torch.long, device=g1_THE.device)
+    side1, side2 = _pad(used1, n), _pad(used2, n)
+    return ActiveExperts(side1, side2, _restrict(g1_THE, side1, used1.numel()),
+                         _restrict(g2_THE, side2, used2.numel()), {})
+
+
+def use_sparse(g1_THE, g2_THE, pairs_cache: dict | None, *, dtype: torch.dtype,
+               max_share: float | None = None) -> ActiveExperts | None:
+    """The step's ActiveExperts when at most max_share (None: SPARSE_MAX_SHARE for activations
+    of dtype) of the experts per side are in use and autograd is off, else None (the dense
+    path). Kept in the routing group's pairs_cache under "sparse": a group decides once."""
+    if pairs_cache is not None and "sparse" in pairs_cache:
+        return pairs_cache["sparse"]
+    if max_share is None:
+        max_share = SPARSE_MAX_SHARE.get(dtype, DEFAULT_MAX_SHARE)
+    active = None
+    if max_share > 0 and not (torch.is_grad_enabled() and g1_THE.requires_grad):
+        candidate = active_experts(g1_THE, g2_THE)
+        if candidate.side1.numel() <= max_share * g1_THE.shape[2]:
+            active = candidate
+    if pairs_cache is not None:
+        pairs_cache["sparse"] = active
+    return active
+
+
+def compact_table(table_PW: torch.Tensor, active: ActiveExperts, num_experts: int):
+    """The mask table over the compact pairs: bit r*n + s of a row is the bit of composite
+    expert (side1[r], side2[s]) of the full table. [P, W] -> [P, bitset_words(n)] int32."""
+    P, n = table_PW.shape[0], active.side1.numel()
+    nbit = (active.side1[:, None] * num_experts + active.side2[None, :]).reshape(-1)  # [n*n]
+    bits = (table_PW.index_select(1, nbit >> 5) >> (nbit & 31).int()) & 1  # [P, n*n]
+    words = bitset_words(n)
+    bits = F.pad(bits.long(), (0, 32 * words - n * n)).view(P, words, 32)
+    packed = (bits << torch.arange(32, device=bits.device)).sum(-1)  # [P, words] in [0, 2^32)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def _mask(mask, active: ActiveExperts, num_experts: int):
+    if mask is None:
+        return None, None
+    table_PW, profile_T = mask
+    return compact_table(table_PW, active, num_experts), profile_T
+
+
+def pack_vd(v_a: torch.Tensor, v_b: torch.Tensor, bias_ED: torch.Tensor) -> torch.Tensor:
+    """One half's packed table [2*E*M + E, D/2]: rows V_a^T (expert i: rows i*M..), V_b^T
+    (from E*M) and the bias (from 2*E*M). v_a, v_b: [D/2, E*M] weights; bias [E, D/2]."""
+    return torch.cat((v_a.t(), v_b.t(), bias_ED)).contiguous()
+
+
+def pack_hd(v: torch.Tensor, bias_ED: torch.Tensor) -> torch.Tensor:
+    """HD's packed table [E*M + E, D]: V^T (expert j: rows j*M..) then the bias b."""
+    return torch.cat((v.t(), bias_ED)).contiguous()
+
+
+def _expert_rows(idx: torch.Tensor, M: int, starts: tuple[int, ...], E: int) -> torch.Tensor:
+    """Rows of a packed table for experts idx [n]: per block start s, s + i*M + m for
+    m < M (the weight blocks) or s + i (the last block, the bias), blocks in order. [L]"""
+    m = torch.arange(M, device=idx.device)
+    blocks = [(s + idx[:, None] * M + m).reshape(-1) for s in starts[:-1]]
+    return torch.cat((*blocks, starts[-1] + idx))
+
+
+def _compiled(weight: torch.Tensor) -> bool:
+    return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+
+
+def _bag(table_RD, rows_L, weights_TL):
+    """out[t] = sum_l weights[t, l] table[rows[l]]: the v projection over the active rows
+    (compiled loops on the CPU, else embedding_bag). float32 or better."""
+    if _compiled(table_RD):
+        from kernels.sparse_cpu import rows_axpy
+
+        return rows_axpy(table_RD, rows_L, weights_TL)
+    T = weights_TL.shape[0]
+    return F.embedding_bag(rows_L.expand(T, -1), table_RD, mode="sum",
+                           per_sample_weights=weights_TL.to(table_RD.dtype).contiguous())
+
+
+def _u(y_TD, weight, bias, idx, g_THn, M):
+    """relu2(U_i y + c_i) at the experts idx [n], in y's dtype: [T, n, M]. On the CPU a token
+    skips the experts it does not use (g zero: their activations multiply nothing)."""
+    T = y_TD.shape[0]
+    rows = (idx[:, None] * M + torch.arange(M, device=idx.device)).view(-1)  # [n*M]
+    if _compiled(weight):
+        from kernels.sparse_cpu import rows_dot
+
+        use = (g_THn != 0).any(1).repeat_interleave(M, dim=1)  # [T, n*M]
+        z = (rows_dot(weight, rows, y_TD, use) + bias.index_select(0, rows).float())
+        z = z.to(y_TD.dtype)
+    else:
+        z = F.linear(y_TD, weight.index_select(0, rows), bias.index_select(0, rows))
+    return torch.square(F.relu(z)).view(T, -1, M)
+
+
+def _rows(active: ActiveExperts, key, make):
+    if key not in active.cache:
+        active.cache[key] = make()
+    return active.cache[key]
+
+
+def sparse_vd(y_TD, active: ActiveExperts, u1, u2, first_RD, second_RD, mask=None):
+    """The VD expert layer at the active experts. u1, u2: (weight [E*M, D], bias [E*M]);
+    first, second: pack_vd tables; mask: None or (table [P, W] int32, profile [T]). [T, D]"""
+    EM = u1[0].shape[0]
+    E = first_RD.shape[0] - 2 * EM
+    M = EM // E
+    a = _u(y_TD, *u1, active.side1, active.g1, M)
+    b = _u(y_TD, *u2, active.side2, active.g2, M)
+    mix = mix_vd(a, b, active.g1, active.g2, *_mask(mask, active, E), pairs_cache=active.cache)
+    starts = (0, E * M, 2 * E * M)
+    rows1 = _rows(active, ("vd1", M, E), lambda: _expert_rows(active.side1, M, starts, E))
+    rows2 = _rows(active, ("vd2", M, E), lambda: _expert_rows(active.side2, M, starts, E))
+    first = _bag(first_RD, rows1, torch.cat((mix.x11, mix.x12, mix.c1), 1))
+    second = _bag(second_RD, rows2, torch.cat((mix.x21, mix.x22, mix.c2), 1))
+    return torch.cat((first, second), -1).to(y_TD.dtype)
+
+
+def sparse_hd(y_TD, active: ActiveExperts, u, table_RD, mask=None):
+    """The HD expert layer at the active experts. u: (weight [E*M, D], bias [E*M]); table:
+    pack_hd's; mask as sparse_vd. [T, D]"""
+    EM = u[0].shape[0]
+    E = table_RD.shape[0] - EM
+    M = EM // E
+    x = _u(y_TD, *u, active.side1, active.g1, M)
+    mix = mix_hd(x, active.g1, active.g2, *_mask(mask, active, E), pairs_cache=active.cache)
+    rows = _rows(active, ("hd", M, E), lambda: _expert_rows(active.side2, M, (0, EM), E))
+    return _bag(table_RD, rows, torch.cat((mix.x, mix.c2), 1)).to(y_TD.dtype)
