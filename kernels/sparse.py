@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from kernels.mixing import bitset_words, mix_hd, mix_vd
 
-__all__ = ["SPARSE_MAX_SHARE", "ActiveExperts", "active_experts", "compact_table", "pack_hd",
-           "pack_vd", "sparse_hd", "sparse_vd", "use_sparse"]
+__all__ = ["SPARSE_MAX_SHARE", "SPARSE_MIN_EXPERTS", "ActiveExperts", "active_experts",
+           "compact_table", "pack_hd", "pack_vd", "sparse_hd", "sparse_vd", "use_sparse"]
 
 # The sparse path wins while at most this share of the E experts per side is in use, per
 # activation dtype. Measured on one 850M expert layer (benchmarks/bench_release.py
@@ -40,6 +40,11 @@ __all__ = ["SPARSE_MAX_SHARE", "ActiveExperts", "active_experts", "compact_table
 # the dense bfloat16 products being slow on the packed layout.
 SPARSE_MAX_SHARE = {torch.float32: 0.85, torch.bfloat16: 1.0}
 DEFAULT_MAX_SHARE = 0.85
+# ... and only with at least this many experts per side: below it the dense products are small
+# and cache-resident, and the sparse path's fixed cost loses. The shipped default model (E = 64,
+# D = 128) decoded 12-20% slower on it (batch 1 and 8, float32, three interleaved runs); the
+# release shapes have E = 512.
+SPARSE_MIN_EXPERTS = 256
 
 
 class ActiveExperts(NamedTuple):
@@ -79,13 +84,15 @@ def active_experts(g1_THE: torch.Tensor, g2_THE: torch.Tensor) -> ActiveExperts:
 
 def use_sparse(g1_THE, g2_THE, pairs_cache: dict | None, *, dtype: torch.dtype,
                max_share: float | None = None) -> ActiveExperts | None:
-    """The step's ActiveExperts when at most max_share (None: SPARSE_MAX_SHARE for activations
-    of dtype) of the experts per side are in use and autograd is off, else None (the dense
-    path). Kept in the routing group's pairs_cache under "sparse": a group decides once."""
+    """The step's ActiveExperts when at most max_share of the experts per side are in use and
+    autograd is off, else None (the dense path). max_share None: SPARSE_MAX_SHARE for
+    activations of dtype, with at least SPARSE_MIN_EXPERTS experts per side (else dense). Kept
+    in the routing group's pairs_cache under "sparse": a group decides once."""
     if pairs_cache is not None and "sparse" in pairs_cache:
         return pairs_cache["sparse"]
     if max_share is None:
-        max_share = SPARSE_MAX_SHARE.get(dtype, DEFAULT_MAX_SHARE)
+        max_share = (SPARSE_MAX_SHARE.get(dtype, DEFAULT_MAX_SHARE)
+                     if g1_THE.shape[2] >= SPARSE_MIN_EXPERTS else 0.0)
     active = None
     if max_share > 0 and not (torch.is_grad_enabled() and g1_THE.requires_grad):
         candidate = active_experts(g1_THE, g2_THE)

@@ -52,6 +52,19 @@ def test_the_default_threshold_takes_the_sparse_path_at_decode_only(monkeypatch)
     assert len(calls) == model.config.num_hidden_layers
 
 
+def test_the_default_threshold_keeps_small_models_dense(monkeypatch):
+    """Below kernels.SPARSE_MIN_EXPERTS the dense products are cache-resident and win."""
+    model = random_model(seed=3, **CASES["vd-E16-G2"])
+    calls = []
+    real = kernels.sparse_vd
+    monkeypatch.setattr(kernels, "sparse_vd", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model(torch.randint(0, model.config.vocab_size, (1, 1)))
+    assert calls == []
+    set_sparse_experts(model, 1.0)  # still there when asked for
+    model(torch.randint(0, model.config.vocab_size, (1, 1)))
+    assert len(calls) == model.config.num_hidden_layers
+
+
 def test_golden_greedy_and_masked_greedy_on_the_sparse_path(tiny_fixture):
     golden = load_file(tiny_fixture / "golden.safetensors")
     model = load_model(tiny_fixture / "model", dtype=torch.float32)
