@@ -152,6 +152,7 @@ class RedisMaskStore:
         namespace: str = "monet:masks",
         keep_versions: int = 16,
         resync_interval: float = 5.0,
+        head_timeout: float = 0.5,
     ):
         if keep_versions < 1:
             raise ValueError("keep_versions must be at least 1")
@@ -165,7 +166,10 @@ class RedisMaskStore:
         self._get = client.register_script(_GET)
         self._changes = client.register_script(_CHANGES)
         self._head = client.register_script(_HEAD)
-        self._once = self._no_retry_client()  # head(): asked per request, so fail at once
+        # head() is asked per request: no retries, and a short timeout, so that a Redis that
+        # stops answering (a partition, a pause) costs a request at most head_timeout before
+        # the cache's staleness bound decides, not the client's socket timeout.
+        self._once = self._no_retry_client(timeout=head_timeout)
 
     @classmethod
     def from_url(
@@ -310,11 +314,14 @@ class RedisMaskStore:
         self._once.close()
         self.client.close()
 
-    def _no_retry_client(self) -> redis.Redis:
+    def _no_retry_client(self, *, timeout: float | None = None) -> redis.Redis:
         """A client that never retries: for subscriptions (a reconnection must be known) and
-        for head(), which a request waits on (the cache then applies its staleness bound)."""
+        for head(), which a request waits on (the cache then applies its staleness bound);
+        `timeout` replaces the socket and connect timeouts."""
         pool = self.client.connection_pool
         kwargs = {**pool.connection_kwargs, "retry": Retry(NoBackoff(), 0)}
+        if timeout is not None:
+            kwargs |= {"socket_timeout": timeout, "socket_connect_timeout": timeout}
         return redis.Redis(connection_pool=redis.ConnectionPool(
             connection_class=pool.connection_class, **kwargs))
 

@@ -71,6 +71,26 @@ def test_default_profile_always_applies(guarded, golden):
         assert c.get("/ready").json()["checks"]["default_profile"] == f"{DEFAULT}@1"
 
 
+def test_a_redis_that_stops_answering_costs_a_request_no_more_than_the_head_timeout(
+        guarded, private_redis):
+    """A paused Redis (as a network partition looks: connected, silent): a cached profile is
+    served from the cache after the store's short head timeout, within the staleness bound, not
+    after the client's socket timeout or the pause."""
+    import redis
+
+    name = unique("paused")
+    with client(guarded, ADMIN_KEY) as c:
+        c.put(f"/masks/{name}", json={"layers": [{"layer": 1, "experts": [[3, 4]]}]})
+        assert generate(c, prompt="a", mask_profile=name).status_code == 200  # now cached
+        redis.Redis.from_url(private_redis.url).execute_command("CLIENT", "PAUSE", 4000, "ALL")
+        paused = time.monotonic()
+        r = generate(c, prompt="a", mask_profile=name)
+        took = time.monotonic() - paused
+    assert r.status_code == 200 and r.headers["x-monet-mask-profiles"] == f"{name}@1,{DEFAULT}@1"
+    assert took < 3.0, f"waited {took:.1f} s on a silent Redis"  # the pause lasts 4 s
+    time.sleep(max(0.0, 4.5 - (time.monotonic() - paused)))  # the next test starts unpaused
+
+
 def test_redis_stopped_in_the_middle(guarded, private_redis):
     cached, uncached = unique("cached"), unique("uncached")
     with client(guarded, ADMIN_KEY) as c:
