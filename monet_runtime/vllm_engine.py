@@ -36,11 +36,9 @@ from monet_runtime.config import MonetConfig
 from monet_runtime.engine import InvalidRequest, StepOutput
 from monet_runtime.expert_mask import ExpertMask
 from monet_runtime.generation import SamplingParams
+from monet_runtime.vllm_keys import CAPTURE_KEY, MASK_KEY
 
 __all__ = ["EngineOutput", "MaskProfileRef", "VllmEngine", "tcmalloc_library"]
-
-MASK_KEY = "monet_mask"  # as monet_runtime.vllm_profiles (not imported: it needs vLLM)
-CAPTURE_KEY = "monet_capture"
 
 
 @dataclass(frozen=True, slots=True)

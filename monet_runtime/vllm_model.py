@@ -44,11 +44,10 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 import kernels
 from monet_runtime.config import MonetConfig
 from monet_runtime.model import HorizontalExperts, RMSNorm, Router, VerticalExperts
+from monet_runtime.vllm_keys import DEFAULT_MASK_SLOTS, MASK_SLOTS_KEY
 from monet_runtime.vllm_profiles import MaskSlots, attach
 
 __all__ = ["MonetForCausalLM", "MonetHFConfig", "register"]
-
-DEFAULT_MASK_SLOTS = 8
 
 
 class MonetHFConfig(PretrainedConfig):
@@ -224,7 +223,7 @@ class MonetForCausalLM(nn.Module):
         device = self.lm_head.weight.device
         self.mask_slots = MaskSlots(
             num_layers=config.num_hidden_layers, num_experts=config.moe_experts,
-            num_slots=int(getattr(hf_config, "monet_mask_slots", DEFAULT_MASK_SLOTS)),
+            num_slots=int(getattr(hf_config, MASK_SLOTS_KEY, DEFAULT_MASK_SLOTS)),
             max_rows=vllm_config.scheduler_config.max_num_seqs, device=device)
         attach(self.mask_slots)
         kernels.prepare_mixing(device, vllm_config.model_config.dtype)

@@ -22,12 +22,9 @@ from vllm.v1.sample.logits_processor import LogitsProcessor, MoveDirectionality
 
 from kernels import bitset_words
 from monet_runtime.expert_mask import ExpertMask
+from monet_runtime.vllm_keys import CAPTURE_KEY, MASK_KEY
 
-__all__ = ["MASK_KEY", "CAPTURE_KEY", "MaskSlots", "MaskProfileRows", "MonetWorkerExtension",
-           "current_slots"]
-
-MASK_KEY = "monet_mask"  # extra_args: "name@version" of an installed profile
-CAPTURE_KEY = "monet_capture"  # extra_args: a key under which to keep the request's routing
+__all__ = ["MaskSlots", "MaskProfileRows", "MonetWorkerExtension", "current_slots"]
 
 _SLOTS: MaskSlots | None = None  # the MONET model of this worker process, when there is one
 
