@@ -104,9 +104,9 @@ def write_random_checkpoint(config, out: Path, *, dtype, seed: int = 0,
             layer = DecoderLayer(config, l)
             _randomise(layer, gen)
             if layer.router is not None:
-                h = x + layer.self_attn(layer.input_layernorm(x), cos, sin, causal, None, l)
+                h = x + layer.self_attn(layer.input_layernorm(x), cos, sin, causal, None)
                 _calibrate(layer.router, layer.post_attention_layernorm(h).view(T, -1))
-            x, routing = layer.eval()(x, cos, sin, causal, None, routing, None)
+            x, routing = layer.eval()(x, routing, None, cos, sin, causal, None)
             write(f"model.layers.{l}.", layer, f"model-{l + 1:05d}-of-{n + 1:05d}.safetensors")
             del layer
     head = torch.nn.ModuleDict({"model": torch.nn.ModuleDict(

@@ -21,7 +21,8 @@ from torch import nn
 import kernels
 from monet_runtime.config import MonetConfig
 
-__all__ = ["KVCache", "MaskBatch", "MonetForCausalLM", "MonetOutput", "set_sparse_experts"]
+__all__ = ["DecoderLayer", "KVCache", "MaskBatch", "MonetForCausalLM", "MonetOutput",
+           "run_decoder_layers", "set_sparse_experts"]
 
 
 # ---- per-batch state ---------------------------------------------------------------------
@@ -142,18 +143,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class Attention(nn.Module):
     """Grouped-query causal self-attention with rotary embeddings and a preallocated KV cache."""
 
-    def __init__(self, config: MonetConfig):
+    def __init__(self, config: MonetConfig, layer: int):
         super().__init__()
         D, N, K, Dh = (config.hidden_size, config.num_attention_heads,
                        config.num_key_value_heads, config.head_dim)
-        self.config = config
+        self.config, self.layer = config, layer
         self.q_proj = nn.Linear(D, N * Dh, bias=False)
         self.k_proj = nn.Linear(D, K * Dh, bias=False)
         self.v_proj = nn.Linear(D, K * Dh, bias=False)
         self.o_proj = nn.Linear(N * Dh, D, bias=False)
 
-    def forward(self, x_BTD, cos, sin, attn_mask_BTS, cache: KVCache | None, layer: int):
+    def forward(self, x_BTD, cos, sin, attn_mask_BTS, cache: KVCache | None):
         B, T, _ = x_BTD.shape
+        layer = self.layer
         N, K, Dh = (self.config.num_attention_heads, self.config.num_key_value_heads,
                     self.config.head_dim)
         q = apply_rotary(self.q_proj(x_BTD).view(B, T, N, Dh).transpose(1, 2), cos, sin)
@@ -342,29 +344,45 @@ class HorizontalExperts(_Experts):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: MonetConfig, layer: int):
+    """One MONET block: h = x + Attn(norm(x)); y = norm(h); out = h + Experts(y, g1, g2, mask),
+    g1, g2 [T, H, E] from this layer's router or, in a routing group's later layers, from the
+    group's first. The math of both models: the vLLM model (monet_runtime.vllm_model) passes
+    its own attention module and swaps the experts' and router's linear layers for vLLM's."""
+
+    def __init__(self, config: MonetConfig, layer: int, *, attention: nn.Module | None = None):
         super().__init__()
         self.layer = layer
-        self.self_attn = Attention(config)
+        self.self_attn = attention if attention is not None else Attention(config, layer)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.moe = (VerticalExperts if config.vertical else HorizontalExperts)(config)
         self.router = Router(config) if config.is_routing_layer(layer) else None
 
-    def forward(self, x_BTD, cos, sin, attn_mask, cache, routing, masks: MaskBatch | None):
-        """routing: (g1, g2, pairs cache) of the most recent routing layer, or None at a
-        routing layer; the cache (kernels.mix_vd) lets the group's layers share the masked
-        path's active pairs."""
-        B, T, D = x_BTD.shape
-        h = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, attn_mask, cache,
-                                   self.layer)
-        y_TD = self.post_attention_layernorm(h).view(B * T, D)
+    def forward(self, x, routing, mask, *attention_inputs):
+        """x [B, T, D] here, [T, D] in vLLM; routing: (g1, g2, pairs cache) of the group's
+        routing layer, None at a routing layer (the cache, kernels.mix_vd, lets the group's
+        layers share the masked path's active pairs); mask: (table [P, W], profile per
+        flattened token [B*T]) or None; attention_inputs: what self_attn takes after x."""
+        h = x + self.self_attn(self.input_layernorm(x), *attention_inputs)
+        y_TD = self.post_attention_layernorm(h).view(-1, h.shape[-1])  # tokens flattened
         if self.router is not None:
             routing = (*self.router(y_TD), {})
         g1, g2, pairs_cache = routing
-        mask = masks.tokens(self.layer, T) if masks is not None else None
-        out = h + self.moe(y_TD, g1, g2, mask, pairs_cache).view(B, T, D)
-        return out, routing
+        return h + self.moe(y_TD, g1, g2, mask, pairs_cache).view(h.shape), routing
+
+
+def run_decoder_layers(layers, x, *attention_inputs, layer_mask=None, on_routing=None):
+    """The layer loop of both models (this one and monet_runtime.vllm_model's).
+
+    layer_mask(l): layer l's (table [P, W], profile per flattened token), or None for no mask;
+    on_routing(l, g1, g2): called with each routing layer's g1, g2 [B*T, H, E] (float32)."""
+    routing = None
+    for layer in layers:
+        mask = layer_mask(layer.layer) if layer_mask is not None else None
+        x, routing = layer(x, routing, mask, *attention_inputs)
+        if on_routing is not None and layer.router is not None:
+            on_routing(layer.layer, *routing[:2])
+    return x
 
 
 # ---- the model ---------------------------------------------------------------------------
@@ -432,12 +450,16 @@ class MonetForCausalLM(nn.Module):
 
         x = self.model.embed_tokens(input_ids)
         cos, sin = rotary(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
-        routing, router_probs = None, {} if output_router_probs else None
-        for layer in self.model.layers:
-            x, routing = layer(x, cos, sin, attn_BTS, cache, routing, masks)
-            if output_router_probs and layer.router is not None:
-                H, E = self.config.moe_heads, self.config.moe_experts
-                router_probs[layer.layer] = tuple(g.view(B, T, H, E) for g in routing[:2])
+        router_probs = {} if output_router_probs else None
+
+        def keep_routing(layer: int, g1_THE, g2_THE) -> None:
+            H, E = self.config.moe_heads, self.config.moe_experts
+            router_probs[layer] = (g1_THE.view(B, T, H, E), g2_THE.view(B, T, H, E))
+
+        x = run_decoder_layers(
+            self.model.layers, x, cos, sin, attn_BTS, cache,
+            layer_mask=(lambda layer: masks.tokens(layer, T)) if masks is not None else None,
+            on_routing=keep_routing if output_router_probs else None)
         if cache is not None:
             cache.length = S
         hidden = self.model.norm(x)
