@@ -33,7 +33,8 @@ class StreamOptions(Strict):
 
 
 class _Sampling(Strict):
-    model: str = Field(max_length=256)
+    model: str = Field(max_length=256, description="The served model, a mask profile "
+                       "('name', 'name@version') or several joined by '+' (their union).")
     max_tokens: int | None = Field(None, ge=1)
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
@@ -117,12 +118,19 @@ class ChatResponse(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """The served model, or a mask profile served as a model (as vLLM lists a LoRA adapter:
+    `parent` is the served model)."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "monet-serve"
+    root: str
+    parent: str | None = None
     max_model_len: int
     model_identity: str = Field(description="The identity mask profiles are built for.")
+    version: int | None = Field(None, description="A profile's latest version.")
+    mask_profile: str | None = Field(None, description="A profile's name@version.")
 
 
 class ModelList(BaseModel):
