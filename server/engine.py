@@ -107,6 +107,10 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: list[int]) -> str: ...
 
+    def token_str(self, token_id: int) -> str:
+        """The vocabulary's own string for one id (POST /tokenize's token_strs)."""
+        ...
+
 
 @runtime_checkable
 class Engine(Protocol):
