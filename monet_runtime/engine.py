@@ -46,6 +46,8 @@ class StepOutput:
     token_id: int
     finish_reason: str | None = None
     queue_time: float | None = None
+    logprobs: Any = None  # TokenLogprobs (monet_runtime.generation), with Sampling.logprobs
+    prompt_logprobs: list | None = None  # [None, TokenLogprobs, ...], the first event only
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +109,8 @@ def _params(sampling) -> SamplingParams:
         return SamplingParams(
             max_new_tokens=sampling.max_tokens, do_sample=not greedy,
             temperature=1.0 if greedy else sampling.temperature, top_p=sampling.top_p,
-            top_k=sampling.top_k, seed=sampling.seed, ignore_eos=sampling.ignore_eos)
+            top_k=sampling.top_k, seed=sampling.seed, ignore_eos=sampling.ignore_eos,
+            logprobs=sampling.logprobs, prompt_logprobs=sampling.prompt_logprobs)
     except ValueError as e:  # SamplingParams names its field first
         field = str(e).split()[0]
         raise InvalidRequest(str(e), param=_SERVER_NAMES.get(field, field)) from None
@@ -257,9 +260,12 @@ class RuntimeEngine:
         requests = []
         for job in jobs:
             left = job.params.max_new_tokens - len(job.produced)
+            # a retry goes on from the tokens so far: its prompt scores went out already
+            prompt_logprobs = None if job.started else job.params.prompt_logprobs
             requests.append(GenerationRequest(
                 [*job.request.prompt_ids, *job.produced],
-                dataclasses.replace(job.params, max_new_tokens=left),
+                dataclasses.replace(job.params, max_new_tokens=left,
+                                    prompt_logprobs=prompt_logprobs),
                 job.request.mask.mask if job.request.mask else None, job.generator))
         for events in stream_generate(self.model, requests,
                                       should_abort=lambda row: jobs[row].aborted):
@@ -272,7 +278,8 @@ class RuntimeEngine:
                 job.started = True
                 if e.token_id >= 0:
                     job.produced.append(e.token_id)
-                job.deliver(StepOutput(e.token_id, e.finish_reason, queued))
+                job.deliver(StepOutput(e.token_id, e.finish_reason, queued, e.logprobs,
+                                       e.prompt_logprobs))
 
     # ---- routing, health, shutdown -----------------------------------------------------
     async def routing(self, prompt_ids: Sequence[int], *, top_k: int) -> list[list[RoutedExpert]]:

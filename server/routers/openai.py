@@ -10,21 +10,20 @@ through `mask_profile` (unknown 404, other model 409, store away 503), naming `m
 
 from __future__ import annotations
 
+import dataclasses
 import time
-import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
 
 from server.bodies import BodyInThread
+from server.choices import Choice, check_count, expand, respond
 from server.deps import EngineDep, GenerateKey, ProfilesDep, ResolverDep, ServiceDep
 from server.engine import Engine
 from server.errors import ERROR_RESPONSES, ApiError
-from server.generation import ClientGone, GenerationInput, GenerationService, Prepared
+from server.generation import GenerationInput, GenerationService
 from server.masking import MaskResolver, ProfileRef, parse_refs
-from server.routers.generate import applied, profile_headers, sampling, stops
+from server.routers.generate import sampling, stops
 from server.schemas.openai import (
     ChatRequest,
     ChatResponse,
@@ -32,7 +31,6 @@ from server.schemas.openai import (
     CompletionResponse,
     ModelList,
 )
-from server.sse import sse_response
 from server.text import render_chat
 
 __all__ = ["model_profiles", "router"]
@@ -92,96 +90,74 @@ async def models(_: GenerateKey, engine: EngineDep, admin: ProfilesDep) -> dict[
     return {"object": "list", "data": [base, *profiles]}
 
 
-def _completion_prompt(service: GenerationService, prompt: str | list) -> list[int]:
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        if len(prompt) != 1:
-            raise ApiError(422, "prompt: one prompt per request (a list of one text)",
-                           param="prompt")
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        return service.prompt_ids(prompt, None)
-    return service.prompt_ids(None, list(prompt), ids_param="prompt")
-
-
-async def _run(service: GenerationService, body: Any, ids: list[int], request: Request,
-               requested: tuple[list[ProfileRef], str]) -> Prepared:
-    newer = getattr(body, "max_completion_tokens", None)  # chat's name for max_tokens
-    max_tokens = newer or body.max_tokens
-    param = "max_completion_tokens" if newer else "max_tokens"
-    profiles, profile_param = requested
-    inp = GenerationInput(ids, sampling(service, body, len(ids), max_tokens=max_tokens,
-                                        param=param),
-                          stops(body.stop), profiles, profile_param)
-    return await service.prepare(inp, request)
-
-
-def _usage(p: Prepared, n: int) -> dict[str, int]:
-    prompt = len(p.input.prompt_ids)
-    return {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
-
-
-async def _stream(service: GenerationService, p: Prepared, body: Any, *, chat: bool,
-                  ) -> AsyncIterator[dict[str, Any]]:
-    base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-            "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": int(time.time()), "model": body.model}
-    if chat:
-        yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                    "logprobs": None, "finish_reason": None}]}
-    n = 0
-    async for delta in service.stream(p):
-        n += len(delta.token_ids)
-        if not delta.text and delta.finish_reason is None:
-            continue
-        choice: dict[str, Any] = {"index": 0, "logprobs": None,
-                                  "finish_reason": delta.finish_reason}
-        if chat:
-            choice["delta"] = {"content": delta.text} if delta.text else {}
+def _prompts(service: GenerationService, prompt: str | list) -> tuple[list[list[int]], list[str]]:
+    """Token ids and text of each prompt: a text, token ids, or a list of either."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    if not prompt:
+        raise ApiError(422, "prompt: no prompt", param="prompt")
+    ids, texts = [], []
+    for n, item in enumerate(prompt):
+        param = "prompt" if len(prompt) == 1 else f"prompt[{n}]"
+        if isinstance(item, str):
+            ids.append(service.prompt_ids(item, None, param=param))
+            texts.append(item)
         else:
-            choice["text"] = delta.text
-        yield {**base, "choices": [choice]}
-    if body.stream_options is not None and body.stream_options.include_usage:
-        yield {**base, "choices": [], "usage": _usage(p, n), "mask_profiles": applied(p.resolved)}
+            ids.append(service.prompt_ids(None, list(item), ids_param=param))
+            texts.append(service.engine.tokenizer.decode(ids[-1]))
+    return ids, texts
 
 
-async def _respond(service: GenerationService, p: Prepared, body: Any, request: Request, *,
-                   chat: bool) -> Response:
-    headers = profile_headers(p.resolved)
-    if body.stream:
-        return sse_response(_stream(service, p, body, chat=chat), headers=headers,
-                            on_close=p.ticket.release)
-    try:
-        result = await service.complete(p, request)
-    except ClientGone:
-        return Response(status_code=499)
-    choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": result.finish_reason}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": result.text}
-    else:
-        choice["text"] = result.text
-    return JSONResponse({
-        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-        "object": "chat.completion" if chat else "text_completion",
-        "created": int(time.time()), "model": body.model, "choices": [choice],
-        "usage": result.usage, "mask_profiles": applied(p.resolved)}, headers=headers)
+def _input(service: GenerationService, body: Any, ids: list[int],
+           requested: tuple[list[ProfileRef], str], *, max_tokens: int | None, param: str,
+           logprobs: int | None, prompt_logprobs: int | None = None) -> GenerationInput:
+    s = sampling(service, body, len(ids), max_tokens=max_tokens, param=param)
+    s = dataclasses.replace(s, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+    profiles, profile_param = requested
+    return GenerationInput(ids, s, stops(body.stop), profiles, profile_param)
 
 
 @router.post("/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
 async def completions(body: CompletionRequest, request: Request, _: GenerateKey,
                       service: ServiceDep, engine: EngineDep) -> Response:
+    """Complete each prompt n times; with logprobs N the scores of every token, with echo the
+    prompt's too (max_tokens 0: the prompt alone)."""
     requested = _requested(engine, body)
-    ids = _completion_prompt(service, body.prompt)
-    p = await _run(service, body, ids, request, requested)
-    return await _respond(service, p, body, request, chat=False)
+    scoring = body.max_tokens == 0
+    if scoring and not body.echo:
+        raise ApiError(422, "max_tokens: 0 only with echo (scoring the prompt)",
+                       param="max_tokens")
+    prompts, texts = _prompts(service, body.prompt)
+    check_count(service, len(prompts), body.n)
+    inputs = []
+    for ids in prompts:
+        # max_tokens 0: the engines generate at least one token, which is dropped
+        inp = _input(service, body, ids, requested, max_tokens=1 if scoring else body.max_tokens,
+                     param="max_tokens", logprobs=body.logprobs,
+                     prompt_logprobs=body.logprobs if body.echo else None)
+        inputs += expand(inp, body.n)
+    prepared = await service.prepare_choices(inputs, request)
+    choices = [Choice(p, n // body.n, texts[n // body.n] if body.echo else None, scoring)
+               for n, p in enumerate(prepared)]
+    return await respond(service, choices, body, request, chat=False, top=body.logprobs)
 
 
 @router.post("/chat/completions", response_model=ChatResponse, responses=ERROR_RESPONSES)
 async def chat_completions(body: ChatRequest, request: Request, _: GenerateKey,
                            service: ServiceDep, engine: EngineDep) -> Response:
+    """The assistant's turn, n times; with logprobs the scores of its tokens (top_logprobs N)."""
     requested = _requested(engine, body)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(422, "top_logprobs: only with logprobs true", param="top_logprobs")
+    top = (body.top_logprobs or 0) if body.logprobs else None
     messages = [{"role": m.role, "content": m.content if isinstance(m.content, str)
                  else "".join(part.text for part in m.content)} for m in body.messages]
     ids = render_chat(engine.tokenizer, messages)
     ids = service.prompt_ids(None, ids, ids_param="messages")
-    p = await _run(service, body, ids, request, requested)
-    return await _respond(service, p, body, request, chat=True)
+    newer = body.max_completion_tokens  # chat's name for max_tokens
+    inp = _input(service, body, ids, requested, max_tokens=newer or body.max_tokens,
+                 param="max_completion_tokens" if newer else "max_tokens", logprobs=top)
+    check_count(service, 1, body.n)
+    prepared = await service.prepare_choices(expand(inp, body.n), request)
+    return await respond(service, [Choice(p, 0) for p in prepared], body, request, chat=True,
+                         top=top)

@@ -152,7 +152,7 @@ def test_errors_reach_the_client(oai, server):
     with pytest.raises(openai.NotFoundError, match="model"):
         oai.completions.create(model="gpt-4", prompt="x")
     with pytest.raises(openai.UnprocessableEntityError, match="n"):
-        oai.completions.create(model=MODEL, prompt="x", n=2)
+        oai.completions.create(model=MODEL, prompt="x", n=65)
     with openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong-key-123",
                        max_retries=0) as bad:
         with pytest.raises(openai.AuthenticationError):
