@@ -87,7 +87,7 @@ def test_the_readme_command_serves_through_vllm(tmp_path):
                 time.sleep(0.2)
             started = time.monotonic() - start
             listening = [l for l in proc.log_lines() if l.get("msg") == "listening"]
-            assert listening[0]["engine"] == "VllmServingEngine"
+            assert listening[0]["engine"] == "VllmEngine"
             assert "vllm:num_requests_running" in c.get("/metrics").text
             name = unique("readme")
             layers = [{"layer": 0, "experts": [[i, j] for i in range(8) for j in range(8)]}]
