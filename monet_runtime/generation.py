@@ -16,6 +16,7 @@ import torch
 
 from monet_runtime.expert_mask import ExpertMask
 from monet_runtime.model import KVCache, MaskBatch, MonetForCausalLM
+from monet_runtime.serving import TokenLogprobs, check_prompt
 
 __all__ = ["Generation", "GenerationRequest", "SamplingParams", "StepEvent", "TokenLogprobs",
            "generate_batch", "generate_tensor", "seeded_generator", "stream_generate",
@@ -60,13 +61,6 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     mask: ExpertMask | None = None
     generator: torch.Generator | None = None  # None: one seeded from params.seed
-
-
-@dataclass(frozen=True, slots=True)
-class TokenLogprobs:
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
 
 
 def token_logprobs(logprobs_TV: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprobs]:
@@ -148,27 +142,20 @@ def stream_generate(
 
     should_abort(row) lets a caller drop a row (e.g. its client went away); it then finishes
     with reason "abort". A row whose sampling fails finishes alone with reason "error"; an
-    error of the whole batch (the forward pass, bad input) raises.
+    error of the whole batch (the forward pass) raises, bad input first, as InvalidRequest.
     """
     if not requests:
         return
-    for n, r in enumerate(requests):
-        if not r.prompt_ids:
-            raise ValueError(f"request {n}: prompt_ids is empty")
-        if r.params.stop and decode is None:
-            raise ValueError(f"request {n}: stop strings need a decode function")
     config, device = model.config, model.device
+    for r in requests:
+        if r.params.stop and decode is None:
+            raise ValueError("stop strings need a decode function")
+        check_prompt(r.prompt_ids, r.params.max_new_tokens, vocab_size=config.vocab_size,
+                     max_model_len=config.max_position_embeddings)
     B = len(requests)
     lengths = [len(r.prompt_ids) for r in requests]
     P = max(lengths)
-    total = max(n + r.params.max_new_tokens for n, r in zip(lengths, requests))
     total_padded = P + max(r.params.max_new_tokens for r in requests)
-    if total > config.max_position_embeddings:
-        raise ValueError(f"prompt plus max_new_tokens ({total}) exceeds the model's "
-                         f"{config.max_position_embeddings} positions")
-    bad = [t for r in requests for t in r.prompt_ids if not 0 <= t < config.vocab_size]
-    if bad:
-        raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {config.vocab_size})")
 
     ids = torch.zeros(B, P, dtype=torch.long)
     attn = torch.zeros(B, total_padded, dtype=torch.long)

@@ -1,9 +1,11 @@
 """The boundary between the REST layer and a generation engine.
 
 The server builds plain request dataclasses and reads engine outputs through small Protocols,
-so an engine module never imports the server (monet_runtime.engine.RuntimeEngine implements
-this with the PyTorch runtime; a vLLM engine implements the same). The server owns everything
-above tokens: text, stop strings, limits, mask resolution, metrics.
+so an engine module never imports the server. Two engines implement `Engine` directly, with no
+adapter between: monet_runtime.engine.RuntimeEngine (the PyTorch runtime) and
+monet_runtime.vllm_engine.VllmEngine (vLLM); tests/monet_runtime/test_engine_contract.py runs
+one contract over both. Each converts `Sampling` once into its own sampling type. The server
+owns everything above tokens: text, stop strings, limits, mask resolution, metrics.
 
     events = engine.stream(EngineRequest("req-1", [1, 72, 105], Sampling(max_tokens=8)))
     async for event in events:      # one event per generated token
@@ -18,9 +20,10 @@ request's expert mask and before temperature, top-k and top-p (vLLM's default "r
 Several samples or prompts are several requests: the server fans them out.
 
 An engine's exception may carry an HTTP `status` and the `param` at fault (EngineError,
-structurally: monet_runtime.engine.InvalidRequest is a 400, EngineClosed a 503); the server
-answers that request with them. Any other exception is a 500, for that request alone: an
-engine never fails one request for another's input.
+structurally: monet_runtime.serving.InvalidRequest is a 400, for any value of the request the
+engine or its library refuses; EngineClosed a 503); the server answers that request with them.
+Any other exception is a 500, for that request alone: an engine never fails one request for
+another's input.
 """
 
 from __future__ import annotations
