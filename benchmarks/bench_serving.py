@@ -92,7 +92,8 @@ def report(workload: str, case: str, f: dict[str, float]) -> None:
 
 async def main(args):
     from monet_runtime import MonetConfig, load_model
-    from monet_runtime.engine import RuntimeEngine, VllmServingEngine
+    from monet_runtime.engine import RuntimeEngine
+    from monet_runtime.vllm_engine import VllmEngine
     from monet_runtime.testing import make_random_checkpoint, random_mask
 
     path = args.checkpoint
@@ -131,9 +132,9 @@ async def main(args):
                 report(workload.name, f"{name} {case}", f)
 
     if "vllm" in args.engines:
-        engine = VllmServingEngine(path, dtype=args.dtype, mask_slots=8,
-                                   max_num_seqs=max(args.n, 8), kv_cache_bytes=256 << 20,
-                                   enable_prefix_caching=False, enforce_eager=not args.compiled)
+        engine = VllmEngine(path, dtype=args.dtype, mask_slots=8, max_num_seqs=max(args.n, 8),
+                            kv_cache_bytes=256 << 20, enable_prefix_caching=False,
+                            compiled=args.compiled)
         await run(engine, Workload("warm-up", 8, loads[0].requests[:8]), profiles)
         await measure(engine, "vllm", list(cases))
         await engine.shutdown()

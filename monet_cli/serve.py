@@ -56,9 +56,9 @@ def build_engine(settings):
     if choice == "auto":
         choice = "vllm"
     if choice == "vllm":
-        from monet_runtime.engine import VllmServingEngine
+        from monet_runtime.vllm_engine import VllmEngine
 
-        engine = VllmServingEngine(path, name=name, dtype=settings.dtype)
+        engine = VllmEngine(path, name=name, dtype=settings.dtype)
         return engine, RuntimeProfileBuilder(lambda: load_model(path, dtype, settings.device))
     from monet_runtime.engine import RuntimeEngine
 

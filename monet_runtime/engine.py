@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
 import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,43 +34,17 @@ from monet_runtime.generation import (
     stream_generate,
 )
 from monet_runtime.model import MonetForCausalLM
+from monet_runtime.serving import (
+    EngineClosed,
+    InvalidRequest,
+    RoutedExpert,
+    StepOutput,
+    check_prompt,
+    invalid_request,
+)
 
 __all__ = ["EngineClosed", "InvalidRequest", "RoutedExpert", "RuntimeEngine", "StepOutput",
-           "VllmServingEngine", "checkpoint_identity", "top_composite_experts"]
-
-
-@dataclass(frozen=True, slots=True)
-class StepOutput:
-    token_id: int
-    finish_reason: str | None = None
-    queue_time: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RoutedExpert:
-    layer: int  # the routing layer
-    layers: tuple[int, ...]  # the layers of its routing group, which share its weights
-    i: int
-    j: int
-    weight: float
-
-
-class InvalidRequest(ValueError):
-    """The request's own input cannot run (the client's error); `param` names the field.
-    `status` is what the server answers (server.engine's EngineError, structurally)."""
-
-    status = 400
-
-    def __init__(self, message: str, *, param: str | None = None):
-        super().__init__(message)
-        self.param = param
-
-
-class EngineClosed(RuntimeError):
-    """The engine is shutting down and takes no new requests."""
-
-    status = 503
-    param = None
+           "runtime_sampling", "top_composite_experts"]
 
 
 @dataclass(eq=False, slots=True)
@@ -98,51 +70,42 @@ class _Job:
             self.aborted = True
 
 
-_SERVER_NAMES = {"max_new_tokens": "max_tokens"}
-
-
-def _params(sampling) -> SamplingParams:
+def runtime_sampling(sampling) -> SamplingParams:
+    """server.engine.Sampling as the runtime's SamplingParams; InvalidRequest naming the
+    server's field for a value the runtime refuses."""
     greedy = sampling.temperature == 0
     try:
         return SamplingParams(
             max_new_tokens=sampling.max_tokens, do_sample=not greedy,
             temperature=1.0 if greedy else sampling.temperature, top_p=sampling.top_p,
-            top_k=sampling.top_k, seed=sampling.seed, ignore_eos=sampling.ignore_eos)
-    except ValueError as e:  # SamplingParams names its field first
-        field = str(e).split()[0]
-        raise InvalidRequest(str(e), param=_SERVER_NAMES.get(field, field)) from None
-
-
-def _check_prompt(ids: list[int], max_tokens: int, *, vocab_size: int, max_model_len: int) -> None:
-    """InvalidRequest unless the prompt's ids are in the vocabulary and prompt plus max_tokens
-    fit the model's positions."""
-    if not ids:
-        raise InvalidRequest("the prompt is empty", param="prompt")
-    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {vocab_size})",
-                             param="prompt")
-    if len(ids) + max_tokens > max_model_len:
-        raise InvalidRequest(f"prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) "
-                             f"exceeds the model's {max_model_len} positions",
-                             param="max_tokens")
+            top_k=sampling.top_k, seed=sampling.seed, ignore_eos=sampling.ignore_eos,
+            logprobs=sampling.logprobs, prompt_logprobs=sampling.prompt_logprobs)
+    except ValueError as e:  # SamplingParams names its field
+        raise invalid_request(e, aliases={"max_new_tokens": "max_tokens"}) from None
 
 
 class RuntimeEngine:
     """MONET on monet_runtime: one worker thread, static batches, per-row masks."""
 
-    def __init__(self, model: MonetForCausalLM, *, name: str = "monet", max_batch_size: int = 16):
+    def __init__(self, model: MonetForCausalLM, *, name: str = "monet", max_batch_size: int = 16,
+                 max_model_len: int | None = None):
+        """max_model_len: prompt plus generated tokens per request (default: the model's
+        positions, the most it may be)."""
         if model.tokenizer is None:
             raise ValueError("the model has no tokenizer: load it with tokenizer=True")
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         c = model.config
+        positions = c.max_position_embeddings
+        if max_model_len is not None and not 2 <= max_model_len <= positions:
+            raise ValueError(f"max_model_len must be in [2, {positions}] (the model's "
+                             f"positions), got {max_model_len}")
         self.model = model
         self.tokenizer = model.tokenizer
         self.model_name = name
         self.model_identity = model.identity
         self.num_layers, self.num_experts = c.num_hidden_layers, c.moe_experts
-        self.vocab_size, self.max_model_len = c.vocab_size, c.max_position_embeddings
+        self.vocab_size, self.max_model_len = c.vocab_size, max_model_len or positions
         self.max_batch_size = max_batch_size
         kernels.prepare_mixing(model.device, model.dtype)  # not on the first masked request
         self._pending: deque[_Job] = deque()
@@ -156,13 +119,11 @@ class RuntimeEngine:
         self._thread.start()
 
     # ---- requests ----------------------------------------------------------------------
-    def _check(self, request) -> None:
-        _check_prompt(list(request.prompt_ids), request.sampling.max_tokens,
-                      vocab_size=self.vocab_size, max_model_len=self.max_model_len)
-
     async def stream(self, request) -> AsyncIterator[StepOutput]:
-        self._check(request)
-        params = _params(request.sampling)  # InvalidRequest on bad sampling, before queueing
+        # InvalidRequest on a bad prompt or sampling, before queueing
+        check_prompt(request.prompt_ids, request.sampling.max_tokens,
+                     vocab_size=self.vocab_size, max_model_len=self.max_model_len)
+        params = runtime_sampling(request.sampling)
         job = _Job(request, params, asyncio.get_running_loop(), asyncio.Queue())
         with self._cond:
             if self._closing:
@@ -257,9 +218,12 @@ class RuntimeEngine:
         requests = []
         for job in jobs:
             left = job.params.max_new_tokens - len(job.produced)
+            # a retry goes on from the tokens so far: its prompt scores went out already
+            prompt_logprobs = None if job.started else job.params.prompt_logprobs
             requests.append(GenerationRequest(
                 [*job.request.prompt_ids, *job.produced],
-                dataclasses.replace(job.params, max_new_tokens=left),
+                dataclasses.replace(job.params, max_new_tokens=left,
+                                    prompt_logprobs=prompt_logprobs),
                 job.request.mask.mask if job.request.mask else None, job.generator))
         for events in stream_generate(self.model, requests,
                                       should_abort=lambda row: jobs[row].aborted):
@@ -272,15 +236,13 @@ class RuntimeEngine:
                 job.started = True
                 if e.token_id >= 0:
                     job.produced.append(e.token_id)
-                job.deliver(StepOutput(e.token_id, e.finish_reason, queued))
+                job.deliver(StepOutput(e.token_id, e.finish_reason, queued, e.logprobs,
+                                       e.prompt_logprobs))
 
     # ---- routing, health, shutdown -----------------------------------------------------
     async def routing(self, prompt_ids: Sequence[int], *, top_k: int) -> list[list[RoutedExpert]]:
         ids = list(prompt_ids)
-        if not ids or any(not 0 <= t < self.vocab_size for t in ids):
-            raise ValueError(f"token ids must be non-empty and in [0, {self.vocab_size})")
-        if len(ids) > self.max_model_len:
-            raise ValueError(f"{len(ids)} tokens exceed the model's {self.max_model_len}")
+        check_prompt(ids, 0, vocab_size=self.vocab_size, max_model_len=self.max_model_len)
 
         def run():
             with self._inspect_lock, torch.inference_mode():
@@ -297,6 +259,7 @@ class RuntimeEngine:
         ok = self._thread.is_alive() and not self._closing
         out = {"ok": ok, "engine": "runtime", "model": self.model_name,
                "device": str(self.model.device), "dtype": str(self.model.dtype).split(".")[-1],
+               "max_batch_size": self.max_batch_size, "max_model_len": self.max_model_len,
                "running": running, "waiting": waiting}
         if self._error is not None:
             out["error"] = repr(self._error)
@@ -338,79 +301,3 @@ def top_composite_experts(
                 out[t].extend(RoutedExpert(layer, layers, n // E, n % E, w)
                               for w, n in zip(ws, ns) if w > 0)
     return out
-
-
-# ---- the same protocol on vLLM -----------------------------------------------------------
-def checkpoint_identity(path: str | Path) -> str:
-    """The identity load_model gives a checkpoint, from its config and tensor shapes only."""
-    from safetensors import safe_open
-
-    from monet_runtime.config import MonetConfig
-    from monet_runtime.loading import _weight_files, model_identity
-
-    files = _weight_files(Path(path))
-    shapes = {}
-    for file in set(files.values()):
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                shapes[name] = tuple(f.get_slice(name).get_shape())
-    return model_identity(MonetConfig.from_file(path), shapes)
-
-
-class VllmServingEngine:
-    """server.engine.Engine on monet_runtime.vllm_engine.VllmEngine (vLLM's AsyncLLM, which
-    schedules continuously; masks travel as profiles keyed by the MaskSpec key)."""
-
-    def __init__(self, model_path: str | Path, *, name: str = "monet", dtype: str = "float32",
-                 **engine_args: Any):
-        from monet_runtime.tokenizer import load_tokenizer
-        from monet_runtime.vllm_engine import VllmEngine
-
-        self._engine = VllmEngine(model_path, dtype=dtype, **engine_args)
-        c = self._engine.config
-        self.model_name = name
-        self.model_identity = checkpoint_identity(model_path)
-        self.tokenizer = load_tokenizer(model_path, vocab_size=c.vocab_size,
-                                        bos_id=c.bos_token_id, eos_ids=c.eos_token_ids)
-        self.num_layers, self.num_experts = c.num_hidden_layers, c.moe_experts
-        self.vocab_size, self.max_model_len = c.vocab_size, c.max_position_embeddings
-        self._groups = c.moe_groups
-        self._ids = itertools.count()
-
-    def _profile(self, spec):
-        from monet_runtime.vllm_engine import MaskProfileRef
-
-        return None if spec is None else MaskProfileRef("mask", spec.key, spec.mask)
-
-    async def stream(self, request) -> AsyncIterator[StepOutput]:
-        ids = list(request.prompt_ids)
-        _check_prompt(ids, request.sampling.max_tokens, vocab_size=self.vocab_size,
-                      max_model_len=self.max_model_len)
-        params = _params(request.sampling)
-        async for event in self._engine.stream(ids, params, profile=self._profile(request.mask),
-                                               request_id=request.request_id):
-            yield event
-
-    async def abort(self, request_id: str) -> None:
-        await self._engine.abort(request_id)
-
-    async def routing(self, prompt_ids: Sequence[int], *, top_k: int) -> list[list[RoutedExpert]]:
-        ids = list(prompt_ids)
-        out = await self._engine.generate(ids, SamplingParams(max_new_tokens=1),
-                                          capture_routing=True,
-                                          request_id=f"inspect-{next(self._ids)}")
-        probs = {l: (g1[:len(ids)], g2[:len(ids)]) for l, (g1, g2) in out.routing.items()}
-        return top_composite_experts(probs, groups=self._groups, num_layers=self.num_layers,
-                                     top_k=top_k)
-
-    def load(self) -> tuple[int, int]:
-        return self._engine.load()
-
-    def metric_families(self) -> Iterable[Any]:
-        return self._engine.metric_families()
-
-    async def health(self) -> dict[str, Any]:
-        return await self._engine.health()
-
-    async def shutdown(self) -> None:
-        self._engine.shutdown()

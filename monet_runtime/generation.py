@@ -2,7 +2,9 @@
 sampling parameters and expert mask, stepped together.
 
 Prompts are left-padded into one prefill; every decode step feeds one token per row. Rows
-finish on an eos / stop token, a stop string (needs `decode`) or max_new_tokens.
+finish on an eos / stop token, a stop string (needs `decode`) or max_new_tokens. With
+`logprobs` / `prompt_logprobs` a row's events carry log_softmax of the model's raw logits
+(masked, before temperature and the top-k / top-p cuts): the chosen token's and the top N.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import torch
 
 from monet_runtime.expert_mask import ExpertMask
 from monet_runtime.model import KVCache, MaskBatch, MonetForCausalLM
+from monet_runtime.serving import TokenLogprobs, check_prompt
 
-__all__ = ["Generation", "GenerationRequest", "SamplingParams", "StepEvent",
-           "generate_batch", "generate_tensor", "seeded_generator", "stream_generate"]
+__all__ = ["Generation", "GenerationRequest", "SamplingParams", "StepEvent", "TokenLogprobs",
+           "generate_batch", "generate_tensor", "seeded_generator", "stream_generate",
+           "token_logprobs"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +34,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] | None = None  # None: the model's eos ids
     stop: tuple[str, ...] = ()  # stop strings; need a decode function
     ignore_eos: bool = False
+    logprobs: int | None = None  # per new token: its logprob and the top N (None: none)
+    prompt_logprobs: int | None = None  # per prompt token but the first, on the first event
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -40,6 +46,9 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(self, name) or 0) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     @property
     def greedy(self) -> bool:
@@ -54,6 +63,17 @@ class GenerationRequest:
     generator: torch.Generator | None = None  # None: one seeded from params.seed
 
 
+def token_logprobs(logprobs_TV: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprobs]:
+    """Per position t: tokens[t]'s logprob in logprobs_TV[t] and the `top` most likely."""
+    if not tokens:
+        return []
+    chosen = logprobs_TV.gather(1, torch.tensor(tokens, device=logprobs_TV.device)[:, None])
+    best_lp, best_id = logprobs_TV.topk(min(top, logprobs_TV.shape[-1]), dim=-1)
+    return [TokenLogprobs(t, lp, tuple(zip(ids, lps)))
+            for t, lp, ids, lps in zip(tokens, chosen[:, 0].tolist(), best_id.tolist(),
+                                       best_lp.tolist())]
+
+
 @dataclass(slots=True)
 class StepEvent:
     """One new token of one row; finish_reason is set on the row's last token. A row whose
@@ -64,6 +84,8 @@ class StepEvent:
     token_id: int
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: Exception | None = None
+    logprobs: TokenLogprobs | None = None  # with params.logprobs
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # the row's first event
 
 
 @dataclass(slots=True)
@@ -120,27 +142,20 @@ def stream_generate(
 
     should_abort(row) lets a caller drop a row (e.g. its client went away); it then finishes
     with reason "abort". A row whose sampling fails finishes alone with reason "error"; an
-    error of the whole batch (the forward pass, bad input) raises.
+    error of the whole batch (the forward pass) raises, bad input first, as InvalidRequest.
     """
     if not requests:
         return
-    for n, r in enumerate(requests):
-        if not r.prompt_ids:
-            raise ValueError(f"request {n}: prompt_ids is empty")
-        if r.params.stop and decode is None:
-            raise ValueError(f"request {n}: stop strings need a decode function")
     config, device = model.config, model.device
+    for r in requests:
+        if r.params.stop and decode is None:
+            raise ValueError("stop strings need a decode function")
+        check_prompt(r.prompt_ids, r.params.max_new_tokens, vocab_size=config.vocab_size,
+                     max_model_len=config.max_position_embeddings)
     B = len(requests)
     lengths = [len(r.prompt_ids) for r in requests]
     P = max(lengths)
-    total = max(n + r.params.max_new_tokens for n, r in zip(lengths, requests))
     total_padded = P + max(r.params.max_new_tokens for r in requests)
-    if total > config.max_position_embeddings:
-        raise ValueError(f"prompt plus max_new_tokens ({total}) exceeds the model's "
-                         f"{config.max_position_embeddings} positions")
-    bad = [t for r in requests for t in r.prompt_ids if not 0 <= t < config.vocab_size]
-    if bad:
-        raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {config.vocab_size})")
 
     ids = torch.zeros(B, P, dtype=torch.long)
     attn = torch.zeros(B, total_padded, dtype=torch.long)
@@ -155,7 +170,15 @@ def stream_generate(
     generated: list[list[int]] = [[] for _ in requests]
     done = [False] * B
 
-    logits = model(ids, mask=masks, attention_mask=attn[:, :P], cache=cache).logits[:, -1]
+    prefill = model(ids, mask=masks, attention_mask=attn[:, :P], cache=cache).logits
+    logits = prefill[:, -1]
+    prompt_scores = [None] * B
+    for b, r in enumerate(requests):
+        if r.params.prompt_logprobs is not None:  # positions P-L .. P-2 predict tokens 1 .. L-1
+            row = prefill[b, P - lengths[b]:P - 1].float().log_softmax(-1)
+            prompt_scores[b] = [None, *token_logprobs(row, r.prompt_ids[1:],
+                                                      r.params.prompt_logprobs)]
+    del prefill
     step = 0
     while True:
         events, next_ids = [], torch.zeros(B, 1, dtype=torch.long)
@@ -172,6 +195,10 @@ def stream_generate(
                 done[b] = True
                 events.append(StepEvent(b, -1, "error", e))
                 continue
+            scores = None
+            if r.params.logprobs is not None:
+                scores = token_logprobs(logits[b].float().log_softmax(-1)[None], [token],
+                                       r.params.logprobs)[0]
             generated[b].append(token)
             next_ids[b, 0] = token
             reason = None
@@ -182,7 +209,8 @@ def stream_generate(
             elif len(generated[b]) >= r.params.max_new_tokens:
                 reason = "length"
             done[b] = reason is not None
-            events.append(StepEvent(b, token, reason))
+            events.append(StepEvent(b, token, reason, logprobs=scores,
+                                    prompt_logprobs=prompt_scores[b] if step == 0 else None))
         yield events
         if all(done):
             return

@@ -19,7 +19,8 @@ from monet_runtime.config import ConfigError, MonetConfig
 from monet_runtime.model import MonetForCausalLM
 from monet_runtime.tokenizer import load_tokenizer
 
-__all__ = ["CheckpointError", "load_model", "model_identity", "save_checkpoint"]
+__all__ = ["CheckpointError", "checkpoint_identity", "load_model", "model_identity",
+           "save_checkpoint"]
 
 # Router statistics stay float32 whatever the model dtype: the router runs in float32.
 _FLOAT32_SUFFIXES = (".running_mean", ".running_var")
@@ -56,6 +57,18 @@ def model_identity(config: MonetConfig, shapes: dict[str, tuple[int, ...]]) -> s
     for name in sorted(shapes):
         digest.update(f"{name}:{list(shapes[name])}".encode())
     return f"monet-{digest.hexdigest()[:16]}"
+
+
+def checkpoint_identity(path: str | Path) -> str:
+    """The identity load_model gives a checkpoint, from its config and tensor shapes only
+    (for an engine that loads the weights itself, as vLLM does)."""
+    files = _weight_files(Path(path))
+    shapes = {}
+    for file in set(files.values()):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return model_identity(MonetConfig.from_file(path), shapes)
 
 
 def _expected_tensors(model: MonetForCausalLM) -> dict[str, torch.Tensor]:

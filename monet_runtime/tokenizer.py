@@ -21,6 +21,10 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: list[int]) -> str: ...
 
+    def token_str(self, token_id: int) -> str:
+        """The vocabulary's own string for one id (as Hugging Face's convert_ids_to_tokens)."""
+        ...
+
 
 class ByteTokenizer:
     """UTF-8 bytes as ids offset by 3 (0 unk/pad, 1 bos, 2 eos). Bytes beyond a small vocab
@@ -43,6 +47,17 @@ class ByteTokenizer:
         data = bytes(i - self.OFFSET for i in ids if self.OFFSET <= i < self.OFFSET + 256)
         return data.decode("utf-8", errors="replace")
 
+    SPECIALS = ("<unk>", "<s>", "</s>")
+
+    def token_str(self, token_id: int) -> str:
+        """"<s>" for the specials, the byte's character when printable ASCII, "<0xAB>"
+        otherwise (SentencePiece's byte-fallback spelling). The specials' strings are names,
+        not text: encoding "<s>" gives its three bytes."""
+        if token_id < self.OFFSET:
+            return self.SPECIALS[token_id]
+        b = token_id - self.OFFSET
+        return chr(b) if 0x20 <= b < 0x7f else f"<0x{b:02X}>"
+
 
 class HFTokenizer:
     """tokenizer.json through the `tokenizers` library."""
@@ -59,6 +74,9 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def token_str(self, token_id: int) -> str:
+        return self._tok.id_to_token(token_id) or ""
 
 
 class SentencePieceTokenizer:
@@ -77,6 +95,9 @@ class SentencePieceTokenizer:
     def decode(self, ids: list[int]) -> str:
         specials = {self.bos_id, *self.eos_ids}
         return self._sp.decode([i for i in ids if i not in specials])
+
+    def token_str(self, token_id: int) -> str:
+        return self._sp.id_to_piece(token_id)
 
 
 def load_tokenizer(path: str | Path, *, vocab_size: int, bos_id: int | None,

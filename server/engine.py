@@ -1,19 +1,29 @@
 """The boundary between the REST layer and a generation engine.
 
 The server builds plain request dataclasses and reads engine outputs through small Protocols,
-so an engine module never imports the server (monet_runtime.engine.RuntimeEngine implements
-this with the PyTorch runtime; a vLLM engine implements the same). The server owns everything
-above tokens: text, stop strings, limits, mask resolution, metrics.
+so an engine module never imports the server. Two engines implement `Engine` directly, with no
+adapter between: monet_runtime.engine.RuntimeEngine (the PyTorch runtime) and
+monet_runtime.vllm_engine.VllmEngine (vLLM); tests/monet_runtime/test_engine_contract.py runs
+one contract over both. Each converts `Sampling` once into its own sampling type. The server
+owns everything above tokens: text, stop strings, limits, mask resolution, metrics.
 
     events = engine.stream(EngineRequest("req-1", [1, 72, 105], Sampling(max_tokens=8)))
     async for event in events:      # one event per generated token
         ...                         # event.finish_reason is set on the last one
     await events.aclose()           # before the last event: aborts the request
 
+Scores: with Sampling.logprobs = N each event carries its token's log-probability and the N
+most likely tokens' (`event.logprobs`); with Sampling.prompt_logprobs = N the first event also
+carries them for every prompt token (`event.prompt_logprobs`, None for the first token, which
+nothing predicts). Both are log_softmax of the model's raw logits at that position, after the
+request's expert mask and before temperature, top-k and top-p (vLLM's default "raw_logprobs").
+Several samples or prompts are several requests: the server fans them out.
+
 An engine's exception may carry an HTTP `status` and the `param` at fault (EngineError,
-structurally: monet_runtime.engine.InvalidRequest is a 400, EngineClosed a 503); the server
-answers that request with them. Any other exception is a 500, for that request alone: an
-engine never fails one request for another's input.
+structurally: monet_runtime.serving.InvalidRequest is a 400, for any value of the request the
+engine or its library refuses; EngineClosed a 503); the server answers that request with them.
+Any other exception is a 500, for that request alone: an engine never fails one request for
+another's input.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ __all__ = [
     "RoutedExpert",
     "Sampling",
     "TokenEvent",
+    "TokenLogprobs",
     "Tokenizer",
     "error_status",
 ]
@@ -43,6 +54,8 @@ class Sampling:
     top_k: int = 0  # 0: no top-k cut
     seed: int | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None  # per generated token: its logprob and the top N; None: none
+    prompt_logprobs: int | None = None  # the same for every prompt token (echo, scoring)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,12 +76,23 @@ class EngineRequest:
     mask: MaskSpec | None = None
 
 
+class TokenLogprobs(Protocol):
+    """A token's log-probability at its position and the `top` most likely tokens there."""
+
+    token_id: int
+    logprob: float
+    top: Sequence[tuple[int, float]]  # (token id, logprob), most likely first
+
+
 class TokenEvent(Protocol):
     """One generated token; the last event of a request carries its finish_reason."""
 
     token_id: int  # -1 when a request finishes without a new token (e.g. aborted)
     finish_reason: str | None  # "stop" | "length" | "abort", on the last event only
     queue_time: float | None  # seconds from submission to running (first event only)
+    logprobs: TokenLogprobs | None  # with Sampling.logprobs (None on a -1 event)
+    # with Sampling.prompt_logprobs, on the first event only: one per prompt token
+    prompt_logprobs: Sequence[TokenLogprobs | None] | None
 
 
 class EngineError(Protocol):
@@ -106,6 +130,10 @@ class Tokenizer(Protocol):
     def encode(self, text: str, *, add_bos: bool = True) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
+
+    def token_str(self, token_id: int) -> str:
+        """The vocabulary's own string for one id (POST /tokenize's token_strs)."""
+        ...
 
 
 @runtime_checkable

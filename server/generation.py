@@ -4,6 +4,9 @@ token stream turned into text (stop strings cut), metrics and the generation log
     prepared = await service.prepare(GenerationInput(...), request)   # 4xx / 429 / 503 here
     async for delta in service.stream(prepared): ...                  # or:
     result = await service.complete(prepared, request)                # aborts on disconnect
+
+Several choices (n samples, several prompts) are prepared together (`prepare_choices`): one
+mask resolution, one admission ticket per choice (each is an engine request), all or none.
 """
 
 from __future__ import annotations
@@ -16,7 +19,14 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from server.engine import Engine, EngineRequest, Sampling, TokenEvent, error_status
+from server.engine import (
+    Engine,
+    EngineRequest,
+    Sampling,
+    TokenEvent,
+    TokenLogprobs,
+    error_status,
+)
 from server.errors import ApiError
 from server.logs import REQUEST_ID, log_event
 from server.masking import MaskResolver, ProfileRef, ResolvedMask
@@ -45,6 +55,8 @@ class Delta:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token_ids entry
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # the first delta only
 
 
 @dataclass(slots=True)
@@ -53,6 +65,8 @@ class Result:
     token_ids: list[int]
     finish_reason: str
     prompt_tokens: int
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def usage(self) -> dict[str, int]:
@@ -164,20 +178,31 @@ class GenerationService:
     # ---- running ---------------------------------------------------------------------------
     async def prepare(self, inp: GenerationInput, request: Request) -> Prepared:
         """Admit the request and resolve its mask (ApiError: 4xx, 429, 503)."""
+        return (await self.prepare_choices([inp], request))[0]
+
+    async def prepare_choices(self, inputs: list[GenerationInput],
+                              request: Request) -> list[Prepared]:
+        """Admit every choice of one request (a ticket each, all or none) and resolve their
+        mask once: they name the same profiles (the first input's)."""
         state = request.scope.setdefault("state", {})
         arrival = state.get("monet_arrival", time.monotonic())
+        first = inputs[0]
         # until resolved, never the requested names (unbounded): they may not exist
-        masked = bool(inp.profiles or self.resolver.default)
+        masked = bool(first.profiles or self.resolver.default)
         state["monet_profile_label"] = "unknown" if masked else "none"
-        ticket = self.admission.acquire()
+        tickets: list[Ticket] = []
         try:
-            resolved = await self.resolver.resolve(inp.profiles, param=inp.profile_param)
+            for _ in inputs:
+                tickets.append(self.admission.acquire())
+            resolved = await self.resolver.resolve(first.profiles, param=first.profile_param)
         except BaseException:
-            ticket.release()
+            for ticket in tickets:
+                ticket.release()
             raise
         state["monet_profiles"] = resolved
-        request_id = f"{REQUEST_ID.get() or 'req'}-{uuid.uuid4().hex[:6]}"
-        return Prepared(request_id, inp, resolved, ticket, arrival)
+        base = f"{REQUEST_ID.get() or 'req'}-{uuid.uuid4().hex[:6]}"
+        return [Prepared(base if len(inputs) == 1 else f"{base}-{n}", inp, resolved, ticket,
+                         arrival) for n, (inp, ticket) in enumerate(zip(inputs, tickets))]
 
     async def abort_running(self) -> int:
         """Abort every generation in flight (the drain's deadline): each ends cleanly, with
@@ -202,6 +227,8 @@ class GenerationService:
                 if event.queue_time is not None:
                     self.metrics.queue_time.observe(event.queue_time)
                 delta = Delta("", [], None)
+                if event.prompt_logprobs is not None:
+                    delta.prompt_logprobs = list(event.prompt_logprobs)
                 if event.token_id >= 0:
                     if first_at is None:
                         first_at = now
@@ -210,6 +237,8 @@ class GenerationService:
                         self.metrics.itl.observe(now - last)
                     last = now
                     delta.token_ids.append(event.token_id)
+                    if event.logprobs is not None:
+                        delta.logprobs.append(event.logprobs)
                     delta.text = detok.add(event.token_id)
                 if detok.stopped:
                     delta.finish_reason = reason = "stop"
@@ -221,7 +250,7 @@ class GenerationService:
                     delta.finish_reason = reason
                     yield delta
                     break
-                if delta.token_ids:
+                if delta.token_ids or delta.prompt_logprobs is not None:
                     yield delta
         finally:  # bookkeeping first: under cancellation the await below may not return
             self.running.discard(p.request_id)
@@ -247,12 +276,17 @@ class GenerationService:
                        poll_s: float = 0.25) -> Result:
         """The whole generation; ClientGone (and the request aborted) if the client leaves."""
         async def collect() -> Result:
-            text, ids, reason = [], [], "length"
+            out = Result("", [], "length", len(p.input.prompt_ids))
+            text = []
             async for delta in self.stream(p):
                 text.append(delta.text)
-                ids.extend(delta.token_ids)
-                reason = delta.finish_reason or reason
-            return Result("".join(text), ids, reason, len(p.input.prompt_ids))
+                out.token_ids.extend(delta.token_ids)
+                out.logprobs.extend(delta.logprobs)
+                if delta.prompt_logprobs is not None:
+                    out.prompt_logprobs = delta.prompt_logprobs
+                out.finish_reason = delta.finish_reason or out.finish_reason
+            out.text = "".join(text)
+            return out
 
         task = asyncio.create_task(collect())
         try:

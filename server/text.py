@@ -73,12 +73,15 @@ def _template(source: str):
     return env.from_string(source)
 
 
-def render_chat(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Prompt token ids for a conversation, ending with the assistant's turn."""
+def render_chat(tokenizer: Tokenizer, messages: list[dict[str, str]], *,
+                add_generation_prompt: bool = True, add_bos: bool = True) -> list[int]:
+    """Prompt token ids for a conversation, ending with the assistant's turn (unless
+    add_generation_prompt is false: POST /tokenize may ask for the bare conversation)."""
     try:
         text = _template(tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE).render(
-            messages=messages, add_generation_prompt=True, bos_token="", eos_token="")
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token="",
+            eos_token="")
     except TemplateError as e:
         raise ApiError(400, f"messages: the chat template refused them: {e}",
                        param="messages") from None
-    return tokenizer.encode(text, add_bos=True)
+    return tokenizer.encode(text, add_bos=add_bos)

@@ -1,8 +1,8 @@
 """The OpenAI-compatible bodies: /v1/completions, /v1/chat/completions, /v1/models.
 
-Fields that this server cannot honour are accepted only at their neutral values (n=1, no
-logprobs, no penalties), so a client never gets silently different behaviour. Extra fields:
-mask_profile, top_k, ignore_eos.
+Fields that this server cannot honour are accepted only at their neutral values (no
+penalties, best_of 1, no suffix), so a client never gets silently different behaviour. Extra
+fields: mask_profile, top_k, ignore_eos. `n` samples per prompt, sample i with seed + i.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from server.schemas.common import (
 )
 
 __all__ = ["ChatMessage", "ChatRequest", "ChatResponse", "CompletionRequest",
-           "CompletionResponse", "ModelCard", "ModelList"]
+           "CompletionResponse", "MAX_LOGPROBS", "ModelCard", "ModelList"]
+
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 
 
 class StreamOptions(Strict):
@@ -33,7 +35,8 @@ class StreamOptions(Strict):
 
 
 class _Sampling(Strict):
-    model: str = Field(max_length=256)
+    model: str = Field(max_length=256, description="The served model, a mask profile "
+                       "('name', 'name@version') or several joined by '+' (their union).")
     max_tokens: int | None = Field(None, ge=1)
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
@@ -42,7 +45,8 @@ class _Sampling(Strict):
     stop: StopField = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Literal[1] = 1
+    n: int = Field(1, ge=1, le=64, description="Samples per prompt; sample i is seeded with "
+                   "seed + i. Every sample counts against the concurrency limit.")
     presence_penalty: float = Field(0, ge=0, le=0, description="Only 0 is supported.")
     frequency_penalty: float = Field(0, ge=0, le=0, description="Only 0 is supported.")
     user: str | None = Field(None, max_length=256)
@@ -51,11 +55,13 @@ class _Sampling(Strict):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[TokenId] | list[str] = Field(
-        description="A text, token ids, or a list holding one text.")
-    max_tokens: int | None = Field(16, ge=1)
-    echo: Literal[False] = False
-    logprobs: None = None
+    prompt: str | list[TokenId] | list[str] | list[list[TokenId]] = Field(
+        description="A text, token ids, or a list of either (one choice set per prompt).")
+    max_tokens: int | None = Field(16, ge=0, description="0 only with echo: score the prompt.")
+    echo: bool = Field(False, description="Return the prompt (and its logprobs) before the "
+                                          "completion.")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                 description="Per token: its logprob and the top N.")
     best_of: Literal[1] | None = None
     suffix: None = None
 
@@ -74,13 +80,22 @@ class ChatMessage(Strict):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: Literal[False] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                     description="With logprobs: the top N per token.")
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
 
 
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
 
 
@@ -99,10 +114,24 @@ class ChatChoiceMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatChoiceMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
 
 
@@ -117,12 +146,19 @@ class ChatResponse(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """The served model, or a mask profile served as a model (as vLLM lists a LoRA adapter:
+    `parent` is the served model)."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "monet-serve"
+    root: str
+    parent: str | None = None
     max_model_len: int
     model_identity: str = Field(description="The identity mask profiles are built for.")
+    version: int | None = Field(None, description="A profile's latest version.")
+    mask_profile: str | None = Field(None, description="A profile's name@version.")
 
 
 class ModelList(BaseModel):

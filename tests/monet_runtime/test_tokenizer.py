@@ -18,6 +18,9 @@ def test_byte_tokenizer_round_trip():
     # a vocabulary smaller than 259 maps the bytes it cannot hold to unk (0)
     small = ByteTokenizer(128)
     assert 0 in small.encode("é") and small.decode(small.encode("abc")) == "abc"
+    assert [tok.token_str(i) for i in tok.encode("a é")] == [
+        "<s>", "a", " ", "<0xC3>", "<0xA9>"]
+    assert tok.token_str(2) == "</s>" and tok.encode("</s>", add_bos=False) != [2]
 
 
 def test_checkpoint_without_tokenizer_gets_bytes(tiny_fixture):
@@ -42,6 +45,7 @@ def test_tokenizer_json(tmp_path, tiny_fixture):
     ids = loaded.encode(TEXT)
     assert ids[0] == 1 and loaded.decode(ids) == TEXT
     assert loaded.chat_template == "{{ messages }}"
+    assert loaded.token_str(2) == "</s>" and loaded.encode("</s>", add_bos=False) == [2]
 
 
 def test_sentencepiece_model(tmp_path):
@@ -54,3 +58,4 @@ def test_sentencepiece_model(tmp_path):
     tok = load_tokenizer(tmp_path, vocab_size=40, bos_id=1, eos_ids=[2])
     ids = tok.encode("the lazy dog")
     assert ids[0] == 1 and tok.decode(ids) == "the lazy dog"
+    assert tok.token_str(2) == "</s>"

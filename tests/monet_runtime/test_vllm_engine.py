@@ -1,12 +1,16 @@
-"""The real vLLM engine (CPU build) serving MONET with per-request mask profiles.
+"""The real vLLM engine (CPU build) serving MONET with per-request mask profiles: what is
+particular to vLLM (mask slots, the prefix cache, its scheduler's queue, its linear layers,
+tcmalloc). What every engine does is in test_engine_contract.py.
 
-Ground truth: monet_runtime generating each request alone with its mask (float32, greedy).
-Runs in the one environment scripts/setup.sh makes (vLLM installed).
+Ground truth: monet_runtime generating each request alone with its mask (float32, greedy), on
+a random E=512 checkpoint (the default model is the contract tests', the reference fixture
+the vLLM server test's).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 from pathlib import Path
 
@@ -24,37 +28,37 @@ from monet_runtime import (  # noqa: E402
     load_model,
 )
 from monet_runtime.testing import make_random_checkpoint, random_mask  # noqa: E402
-from monet_runtime.vllm_engine import (  # noqa: E402
-    MaskProfileRef,
-    VllmEngine,
-    tcmalloc_library,
-)
+from monet_runtime.vllm_engine import VllmEngine, tcmalloc_library  # noqa: E402
+from server.engine import EngineRequest, MaskSpec, Sampling  # noqa: E402
 
 pytestmark = pytest.mark.slow
 SLOTS = 4
 LD_PRELOAD = os.environ.get("LD_PRELOAD")  # before any engine starts
-GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
+GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)  # the runtime's reference
+ENGINE_GREEDY = Sampling(max_tokens=12, temperature=0, ignore_eos=True)
 # scripts/gpu_check.sh sets this: vLLM with torch.compile and CUDA graphs, as served on a GPU
 COMPILED = os.environ.get("MONET_TEST_VLLM_COMPILED") == "1"
+IDS = itertools.count()
 
 
-@pytest.fixture(scope="module", params=["fixture", "random512"])
-def served(request, tiny_fixture, tmp_path_factory):
-    """(engine, runtime model, event loop) on the fixture or a random E=512 checkpoint."""
-    if request.param == "fixture":
-        path = tiny_fixture / "model"
-    else:
-        path = make_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "m", seed=3,
-                                      moe_experts=512, moe_topk=8)
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(engine, runtime model, event loop) on a random E=512 checkpoint."""
+    path = make_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "m", seed=3,
+                                  moe_experts=512, moe_topk=8)
     loop = asyncio.new_event_loop()
     engine = VllmEngine(path, mask_slots=SLOTS, max_num_seqs=16, kv_cache_bytes=64 << 20,
-                        enforce_eager=not COMPILED)
+                        compiled=COMPILED)
     yield engine, load_model(path), loop
-    engine.shutdown()
+    loop.run_until_complete(engine.shutdown())
     for task in asyncio.all_tasks(loop):  # the engine's output handler
         task.cancel()
     loop.run_until_complete(asyncio.sleep(0.1))
     loop.close()
+
+
+def request(prompt, spec: MaskSpec | None = None, sampling=ENGINE_GREEDY) -> EngineRequest:
+    return EngineRequest(f"r{next(IDS)}", prompt, sampling, spec)
 
 
 def alone(model, prompt, mask, params=GREEDY) -> list[int]:
@@ -76,9 +80,9 @@ def run(loop, *coros):
 def test_mixed_batch_matches_runtime_alone(served):
     engine, model, loop = served
     masks = [random_mask(model.config, f, s) for f, s in ((0.1, 1), (0.3, 2), (0.6, 3))]
-    profiles = [None, *(MaskProfileRef(f"p{n}", 1, m) for n, m in enumerate(masks))] * 3
+    profiles = [None, *(MaskSpec(f"p{n}@1", m) for n, m in enumerate(masks))] * 3
     batch = prompts(len(profiles), seed=1)
-    outs = run(loop, *(engine.generate(p, GREEDY, profile=pr) for p, pr in zip(batch, profiles)))
+    outs = run(loop, *(engine.generate(request(p, pr)) for p, pr in zip(batch, profiles)))
     for p, pr, out in zip(batch, profiles, outs):
         assert out.token_ids == alone(model, p, pr.mask if pr else None)
     # the masks matter: some masked request differs from its unmasked output
@@ -126,12 +130,12 @@ def test_the_engine_core_runs_on_tcmalloc(served):
 def test_more_profiles_than_slots_are_queued_and_evicted(served):
     engine, model, loop = served
     masks = [random_mask(model.config, 0.4, 10 + n) for n in range(2 * SLOTS + 1)]
-    profiles = [MaskProfileRef(f"many{n}", 1, m) for n, m in enumerate(masks)] + [None]
+    profiles = [MaskSpec(f"many{n}@1", m) for n, m in enumerate(masks)] + [None]
     batch = prompts(len(profiles), seed=2)
-    outs = run(loop, *(engine.generate(p, GREEDY, profile=pr) for p, pr in zip(batch, profiles)))
+    outs = run(loop, *(engine.generate(request(p, pr)) for p, pr in zip(batch, profiles)))
     for p, pr, out in zip(batch, profiles, outs):
         assert out.token_ids == alone(model, p, pr.mask if pr else None)
-    run(loop, engine.generate(batch[0], GREEDY))  # rows leave the batch on the next step
+    run(loop, engine.generate(request(batch[0])))  # rows leave the batch on the next step
     state = run(loop, engine.slot_state())[0]
     assert len(state["resident"]) <= SLOTS and state["pins"] == [0] * SLOTS
 
@@ -141,8 +145,8 @@ def test_replacing_a_profile_changes_the_next_request(served):
     prompt = prompts(1, seed=3)[0]
     v1, v2 = random_mask(model.config, 0.05, 20), random_mask(model.config, 0.7, 21)
     assert alone(model, prompt, v1) != alone(model, prompt, v2)
-    (first,) = run(loop, engine.generate(prompt, GREEDY, profile=MaskProfileRef("edit", 1, v1)))
-    (second,) = run(loop, engine.generate(prompt, GREEDY, profile=MaskProfileRef("edit", 2, v2)))
+    (first,) = run(loop, engine.generate(request(prompt, MaskSpec("edit@1", v1))))
+    (second,) = run(loop, engine.generate(request(prompt, MaskSpec("edit@2", v2))))
     assert first.token_ids == alone(model, prompt, v1)
     assert second.token_ids == alone(model, prompt, v2)
 
@@ -150,11 +154,11 @@ def test_replacing_a_profile_changes_the_next_request(served):
 def test_prefix_cache_is_never_shared_between_masks(served):
     engine, model, loop = served
     prompt = (prompts(1, seed=4)[0] * 50)[:200]  # > one KV block (128 tokens on CPU)
-    a = MaskProfileRef("cache-a", 1, random_mask(model.config, 0.3, 30))
-    b = MaskProfileRef("cache-b", 1, random_mask(model.config, 0.3, 31))
+    a = MaskSpec("cache-a@1", random_mask(model.config, 0.3, 30))
+    b = MaskSpec("cache-b@1", random_mask(model.config, 0.3, 31))
 
     def once(profile):
-        (out,) = run(loop, engine.generate(prompt, GREEDY, profile=profile))
+        (out,) = run(loop, engine.generate(request(prompt, profile)))
         assert out.token_ids == alone(model, prompt, profile.mask if profile else None)
         return out.num_cached_tokens
 
@@ -173,7 +177,7 @@ def test_requests_beyond_the_batch_wait_and_report_their_queue_time(served):
     loads = []
 
     async def queue_time(prompt):
-        times = [event.queue_time async for event in engine.stream(prompt, GREEDY)]
+        times = [event.queue_time async for event in engine.stream(request(prompt))]
         assert len(times) == GREEDY.max_new_tokens and times[1:] == [None] * (len(times) - 1)
         return times[0]
 
@@ -200,12 +204,13 @@ def test_requests_beyond_the_batch_wait_and_report_their_queue_time(served):
 
 def test_cancelling_a_stream_aborts_it(served):
     engine, model, loop = served
-    long = SamplingParams(max_new_tokens=200, ignore_eos=True)
+    long = Sampling(max_tokens=200, temperature=0, ignore_eos=True)
 
     async def first_tokens():
         got = []
-        stream = engine.stream(prompts(1, seed=5)[0], long,
-                               profile=MaskProfileRef("abort", 1, random_mask(model.config, 0.2, 40)))
+        stream = engine.stream(request(prompts(1, seed=5)[0],
+                                       MaskSpec("abort@1", random_mask(model.config, 0.2, 40)),
+                                       long))
         async for event in stream:
             got.append(event.token_id)
             if len(got) == 3:
@@ -218,7 +223,7 @@ def test_cancelling_a_stream_aborts_it(served):
     (health,) = run(loop, engine.health())
     assert health["ok"] and health["active_profiles"] == 0
     prompt = prompts(1, seed=6)[0]
-    (out,) = run(loop, engine.generate(prompt, GREEDY))
+    (out,) = run(loop, engine.generate(request(prompt)))
     assert out.token_ids == alone(model, prompt, None)
 
 
@@ -227,8 +232,8 @@ def test_routing_capture_matches_runtime_router(served):
 
     engine, model, loop = served
     prompt = prompts(1, seed=7)[0]
-    profile = MaskProfileRef("capture", 1, random_mask(model.config, 0.3, 50))
-    (out,) = run(loop, engine.generate(prompt, GREEDY, profile=profile, capture_routing=True))
+    profile = MaskSpec("capture@1", random_mask(model.config, 0.3, 50))
+    (out,) = run(loop, engine.generate(request(prompt, profile), capture_routing=True))
     ids = torch.tensor([prompt + out.token_ids[:-1]])
     with torch.inference_mode():
         ref = model(ids, mask=profile.mask, output_router_probs=True).router_probs

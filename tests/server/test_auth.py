@@ -17,6 +17,9 @@ LAYERS = [{"layer": 0, "experts": [[0, 1]]}]
     ("GET", "/v1/models", None),
     ("GET", "/masks", None),
     ("POST", "/inspect", {"text": "x"}),
+    ("POST", "/tokenize", {"prompt": "x"}),
+    ("POST", "/detokenize", {"tokens": [3]}),
+    ("GET", "/tokenizer_info", None),
 ])
 def test_generate_scope(server, method, path, body):
     for key in (None, "not-a-key-000"):

@@ -26,9 +26,78 @@ def profile(server, fixture_mask):
     return name
 
 
-def test_models(oai):
-    models = oai.models.list()
-    assert [m.id for m in models.data] == [MODEL]
+@pytest.fixture(scope="module")
+def other_profile(server, fixture_mask):
+    """A second profile: the fixture mask's first layer only."""
+    import httpx
+
+    name = unique("oai2")
+    r = httpx.put(f"{server.url}/masks/{name}", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                  json={"kind": "manual", "layers": fixture_mask["layers"][:1]})
+    assert r.status_code == 201, r.text
+    return name
+
+
+def test_models_lists_profiles_as_models(oai, profile):
+    cards = oai.models.list().data
+    assert cards[0].id == MODEL and cards[0].parent is None
+    mine = next(c for c in cards if c.id == profile)
+    assert mine.parent == MODEL and mine.root == MODEL
+    assert mine.model_extra["version"] == 1 and mine.model_extra["mask_profile"] == f"{profile}@1"
+    ids = [c.id for c in cards[1:]]
+    assert ids == sorted(ids) and MODEL not in ids
+
+
+def _greedy(oai, model, prompt, **extra):
+    raw = oai.completions.with_raw_response.create(
+        model=model, prompt=prompt, max_tokens=12, temperature=0,
+        extra_body={"ignore_eos": True, **extra})
+    return raw.parse(), raw.headers.get("x-monet-mask-profiles")
+
+
+def test_profile_as_model(oai, profile, golden):
+    prompt = golden["input_ids"][0].tolist()
+    by_model, header = _greedy(oai, profile, prompt)
+    by_field, _ = _greedy(oai, MODEL, prompt, mask_profile=profile)
+    base, _ = _greedy(oai, MODEL, prompt)
+    assert by_model.choices[0].text == by_field.choices[0].text != base.choices[0].text
+    assert header == f"{profile}@1" and by_model.model == profile
+    assert by_model.model_extra["mask_profiles"][0]["name"] == profile
+    at_version, header = _greedy(oai, f"{profile}@1", prompt)
+    assert at_version.choices[0].text == by_model.choices[0].text and header == f"{profile}@1"
+    both, _ = _greedy(oai, profile, prompt, mask_profile=f"{profile}")  # the same: agreed
+    assert both.choices[0].text == by_model.choices[0].text
+
+
+def test_profile_union_as_model(oai, profile, other_profile, golden):
+    prompt = golden["input_ids"][1].tolist()
+    union, header = _greedy(oai, f"{other_profile}+{profile}", prompt)
+    by_field, _ = _greedy(oai, MODEL, prompt, mask_profile=[profile, other_profile])
+    assert union.choices[0].text == by_field.choices[0].text
+    assert header == f"{other_profile}@1,{profile}@1"
+    chat = oai.chat.completions.create(model=f"{profile}+{other_profile}", max_tokens=4,
+                                       messages=[{"role": "user", "content": "hi"}])
+    assert [p["name"] for p in chat.model_extra["mask_profiles"]] == [profile, other_profile]
+
+
+def test_profile_as_model_fails_closed(oai, profile, other_profile):
+    for model in ("no-such-profile", f"{profile}@99", f"{profile}+no-such", "GPT-4", "a+"):
+        with pytest.raises(openai.NotFoundError) as info:
+            oai.completions.create(model=model, prompt="x", max_tokens=1)
+        assert info.value.body["param"] == "model", model
+    with pytest.raises(openai.NotFoundError, match="model"):
+        oai.chat.completions.create(model="no-such-profile", max_tokens=1,
+                                    messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.UnprocessableEntityError, match="mask_profile") as info:
+        oai.completions.create(model=profile, prompt="x", max_tokens=1,
+                               extra_body={"mask_profile": other_profile})
+    assert info.value.body["param"] == "model"
+
+
+def test_tokenizer_endpoints_take_profiles_as_models(gen, profile):
+    assert gen.post("/tokenize", json={"model": profile, "prompt": "a"}).status_code == 200
+    r = gen.post("/detokenize", json={"model": f"{profile}@7", "tokens": [3]})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
 
 
 def test_completion_with_mask_equals_generate(oai, gen, profile, golden):
@@ -83,7 +152,7 @@ def test_errors_reach_the_client(oai, server):
     with pytest.raises(openai.NotFoundError, match="model"):
         oai.completions.create(model="gpt-4", prompt="x")
     with pytest.raises(openai.UnprocessableEntityError, match="n"):
-        oai.completions.create(model=MODEL, prompt="x", n=2)
+        oai.completions.create(model=MODEL, prompt="x", n=65)
     with openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong-key-123",
                        max_retries=0) as bad:
         with pytest.raises(openai.AuthenticationError):

@@ -16,6 +16,7 @@ OPERATIONS = [
     "GET /masks", "PUT /masks/{name}", "GET /masks/{name}", "DELETE /masks/{name}",
     "POST /masks/{name}/build", "GET /masks/{name}/report", "GET /jobs/{job_id}",
     "POST /inspect", "GET /health", "GET /ready", "GET /metrics",
+    "POST /tokenize", "POST /detokenize", "GET /tokenizer_info",
 ]
 
 
