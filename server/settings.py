@@ -31,11 +31,20 @@ class Settings(BaseSettings):
     served_model_name: str | None = None  # None: the checkpoint directory's name
     engine: Literal["auto", "runtime", "vllm"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "cpu"
     host: str = LOOPBACK
     port: int = Field(default=8000, ge=0, le=65535)
-    max_batch_size: int = Field(default=16, ge=1)
-    threads: int | None = Field(default=None, ge=1)  # CPU threads for the runtime engine
+
+    # the engine (None: the engine's default). An option the chosen engine cannot honour is
+    # refused at start-up (monet_cli.serve.engine_options), never dropped.
+    device: str | None = None  # runtime: cpu; vLLM: its platform's, and only that
+    max_batch_size: int | None = Field(default=None, ge=1)  # running at once: 16 / vLLM 64
+    max_model_len: int | None = Field(default=None, ge=2)  # prompt + output: model's positions
+    threads: int | None = Field(default=None, ge=1)  # CPU threads: runtime only
+    tensor_parallel_size: int | None = Field(default=None, ge=1)  # vLLM: 1
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)  # vLLM on a GPU
+    kv_cache_bytes: int | None = Field(default=None, ge=1 << 20)  # vLLM: 1 GiB on CPU
+    mask_slots: int | None = Field(default=None, ge=1)  # vLLM: 8 profiles running at once
+    compiled: bool | None = None  # vLLM: torch.compile + CUDA graphs (on a GPU), else eager
 
     # mask store
     redis_url: str | None = None  # None: the embedded local store in store_dir
@@ -67,7 +76,9 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("model", "served_model_name", "redis_url", "default_profile", "corpus_dir",
-                     "threads", mode="before")
+                     "device", "max_batch_size", "max_model_len", "threads",
+                     "tensor_parallel_size", "gpu_memory_utilization", "kv_cache_bytes",
+                     "mask_slots", "compiled", mode="before")
     @classmethod
     def _empty_is_unset(cls, value):
         return None if isinstance(value, str) and not value.strip() else value

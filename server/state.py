@@ -105,6 +105,7 @@ class ServerState:
         checks: dict[str, Any] = {"draining": self.service.admission.draining}
         health = await self.engine.health()
         checks["engine"] = bool(health.get("ok"))
+        checks["engine_health"] = health  # which engine, its settings (batch, slots), its load
         try:
             await asyncio.wait_for(asyncio.to_thread(self.store.ping), timeout=3.0)
             checks["mask_store"] = True

@@ -30,8 +30,12 @@ def test_asking_for_vllm_without_it_is_a_clear_error(tiny):
 def vllm_server(tmp_path_factory, redis_server, tiny):
     if not HAS_VLLM:
         pytest.skip("vLLM is not installed (scripts/setup.sh installs it)")
-    proc = ServerProcess(tmp_path_factory.mktemp("vllm"), env={**KEYS_ENV}, args=[
-        "--model", str(tiny / "model"), "--redis-url", redis_server.url, "--engine", "vllm"])
+    # non-default engine settings, each observable below (MONET_THREADS is the runtime's:
+    # vLLM refuses it)
+    proc = ServerProcess(tmp_path_factory.mktemp("vllm"), env={**KEYS_ENV, "MONET_THREADS": ""},
+                         args=["--model", str(tiny / "model"), "--redis-url", redis_server.url,
+                               "--engine", "vllm", "--max-model-len", "128", "--mask-slots", "3",
+                               "--max-batch-size", "8"])
     yield proc.start(timeout=600)
     proc.stop()
 
@@ -77,6 +81,7 @@ def test_the_readme_command_serves_through_vllm(tmp_path):
     proc = ServerProcess(tmp_path, args=[], env={k: "" for k in os.environ
                                                  if k.startswith("MONET_")})
     proc.env.pop("MONET_ENGINE")  # the default: vLLM when installed
+    proc.env.pop("MONET_THREADS")  # the test servers' runtime setting, which vLLM refuses
     proc.env["MONET_STORE_DIR"] = str(tmp_path / "store")
     start = time.monotonic()
     proc.start(timeout=600)
@@ -144,3 +149,21 @@ def test_scores_agree_with_the_runtime_engine(vllm_server, server, fixture_mask,
     assert worst < 1e-3
     assert answers[server.url, True] != answers[server.url, False]
     print(f"vLLM against the runtime engine: logprobs differ by at most {worst:.2e}")
+
+
+@pytest.mark.slow
+def test_engine_settings_reach_vllm(vllm_server):
+    """The server runs with --max-model-len 128 --mask-slots 3 --max-batch-size 8 (last in
+    this module: it adds to the counts test_masked_generation_on_vllm reads)."""
+    with client(vllm_server) as c:
+        health = c.get("/ready").json()["checks"]["engine_health"]
+        assert health["engine"] == "vllm"
+        assert (health["max_model_len"], health["mask_slots"], health["max_num_seqs"]) == (
+            128, 3, 8)
+        assert c.get("/v1/models").json()["data"][0]["max_model_len"] == 128
+        # the model has 256 positions; the engine takes 128
+        r = c.post("/generate", json={"prompt_token_ids": [5] * 100, "max_tokens": 40})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
+        r = c.post("/generate", json={"prompt_token_ids": [5] * 100, "max_tokens": 28,
+                                      "ignore_eos": True})
+        assert r.status_code == 200 and len(r.json()["token_ids"]) == 28, r.text
