@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 __all__ = ["masks_app"]
 
 DEFAULT_STORE = Path("~/.local/share/monet/masks").expanduser()
+# On the shipped model only the learned masks move generations off a language (Python's
+# paper-criterion mask raises its loss by 0.01-0.04 nats and leaves the model writing Python;
+# docs/language-generation.md); for domains the paper's criterion stays the default.
+DEFAULT_CRITERION = {"language": "learned", "domain": "specificity"}
 
 masks_app = typer.Typer(help="Build, evaluate and manage expert mask profiles.",
                         no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -121,10 +125,11 @@ def build(
     name: Annotated[str, typer.Option(help="profile name; {label} is replaced per label")] = "",
     target: Annotated[str | None, typer.Option(help="label whose experts go (default: each)")]
     = None,
-    criterion: Annotated[str, typer.Option(
+    criterion: Annotated[str | None, typer.Option(
         help="domain/language: specificity (the paper: routing weight) | attribution (loss "
              "increase; give --coverage) | learned (keep-gates optimised against the "
-             "target)")] = "specificity",
+             "target). Default: learned for language (the one that meets the target on the "
+             "shipped model), specificity for domain")] = None,
     factor: Annotated[float, typer.Option(
         help="target >= factor x the next label (routing weight, or loss increase for "
              "attribution; the paper: 2)")] = 2.0,
@@ -164,6 +169,7 @@ def build(
             options = dict(name=name, description=description, layers=_layers(layers))
             route = dict(text_field=text_field, batch_tokens=batch_tokens, max_length=max_length)
             if kind in ("domain", "language"):
+                criterion = criterion or DEFAULT_CRITERION[kind]
                 profiles = _build_labelled(
                     loaded, source, kind, target, stats, options, route | dict(
                         label_field=label_field), criterion, factor=factor, floor=floor,
@@ -287,6 +293,18 @@ def evaluate(
     = None,
     stats: Annotated[Path | None, typer.Option(help="statistics (.npz) for the sweep")] = None,
     save: Annotated[bool, typer.Option(help="store the report with the profile")] = False,
+    markdown: Annotated[Path | None, typer.Option(help="write the tables here (.md)")] = None,
+    samples: Annotated[int, typer.Option(
+        help="continuations per prompt for the generation-level effects (0: loss only)")] = 5,
+    prompts: Annotated[int, typer.Option(help="prompts per label (toxicity: in all)")] = 10,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens per continuation")] = 64,
+    seed: Annotated[int, typer.Option(help="seed of the first sample")] = 0,
+    train_corpus: Annotated[Path | None, typer.Option(
+        help="labelled texts the continuations' classifier learns from (default: train.jsonl "
+             "beside CORPUS)")] = None,
+    scorer: Annotated[str, typer.Option(
+        help="toxicity masks: auto (Detoxify if its weights are here, else profanity-check) | "
+             "profanity-check | detoxify | module:function (texts -> scores)")] = "auto",
     text_field: str = "text",
     label_field: str = "label",
     batch_tokens: int = 4096,
@@ -296,8 +314,12 @@ def evaluate(
     store: StoreOpt = None,
     namespace: NamespaceOpt = "monet:masks",
 ):
-    """Loss per label with and without a profile's mask."""
-    from masks.evaluate import evaluate_profile, plot_report
+    """Loss per label with and without a profile's mask, and what it does to generations:
+    for a toxicity profile RealToxicityPrompts' figures over the corpus's texts as prompts,
+    otherwise per label the share of continuations of held-out prompts in the prompt's label."""
+    from masks.evaluate import evaluate_profile, plot_report, report_markdown
+
+    from masks.continuations import Sampling
 
     with _errors():
         is_file = Path(ref).suffix in (".json", ".mprof") and Path(ref).exists()
@@ -310,13 +332,49 @@ def evaluate(
         if sweep:
             report = report.model_copy(update={"sweep": _sweep(
                 loaded, profile, corpus, report.target, _floats(sweep), stats, fields)})
+        if samples:
+            report = report.model_copy(update={"generation": _generation(
+                loaded, profile, corpus, train_corpus, scorer, prompts, fields, Sampling(
+                    samples=samples, max_new_tokens=max_new_tokens, seed=seed))})
         _print_report(profile, report)
         if png is not None:
             console.print(f"plot: {plot_report(profile, png, report=report)}")
+        if markdown is not None:
+            markdown.write_text(report_markdown(profile, report))
+            console.print(f"tables: {markdown}")
         if save:
             stored = the_store.put(profile.with_evaluation(report),
                                    expected_version=profile.version or None)
             console.print(f"saved as {stored.name}@{stored.version}")
+
+
+def _generation(model, profile, corpus, train_corpus, scorer, prompts, fields, sampling):
+    """The generation-level effects; None (with a note) when a labelled profile has no
+    training split to learn the classifier from."""
+    from masks import continuations
+    from masks.corpus import read_corpus
+
+    read = dict(text_field=fields["text_field"], label_field=fields["label_field"])
+    mask = profile.mask_for(model.identity)
+    if profile.kind == "toxicity":
+        texts = continuations.spread([r.text for r in read_corpus(corpus, **read)], prompts)
+        with console.status(f"continuing {len(texts)} prompts x {sampling.samples}"):
+            return continuations.generation_report(
+                model, mask, sampling=sampling, toxicity_prompts=texts,
+                scorer=continuations.open_scorer(scorer))
+    train = train_corpus or corpus.with_name("train.jsonl")
+    if not train.exists() or train.resolve() == corpus.resolve():
+        console.print("[yellow]no generation-level effects: give --train-corpus, the labelled "
+                      "texts the continuations' classifier learns from")
+        return None
+    with console.status(f"training the classifier on {train}"):
+        classifier = continuations.LabelClassifier.train(read_corpus(train, **read),
+                                                         held_out=read_corpus(corpus, **read))
+    held_out = continuations.held_out_prompts(read_corpus(corpus, **read), per_label=prompts)
+    with console.status(f"continuing {sum(map(len, held_out.values()))} prompts x "
+                        f"{sampling.samples}, with and without the mask"):
+        return continuations.generation_report(model, mask, sampling=sampling, prompts=held_out,
+                                               classifier=classifier)
 
 
 def _sweep(model, profile, corpus, target, coverages, stats_path, fields):
@@ -357,6 +415,31 @@ def _print_report(profile: MaskProfile, report) -> None:
             sweep.add_row(f"{p.coverage:g}", f"{p.removed:,}", f"{p.target_delta:+.4f}",
                           f"{p.collateral_delta:+.4f}")
         console.print(sweep)
+    if report.generation is not None:
+        _print_generation(profile, report.generation)
+
+
+def _print_generation(profile: MaskProfile, generation) -> None:
+    console.print(f"generation: {generation.samples} continuations per prompt of up to "
+                  f"{generation.max_new_tokens} tokens, judged by {generation.judge}")
+    if generation.labels:
+        table = Table(title=f"{profile.name}: continuations in the prompt's label")
+        for column in ("prompts", "n", "no mask", "mask", "kept", "masked: classified as"):
+            table.add_column(column, justify="left" if column in ("prompts", "masked: "
+                                                                   "classified as") else "right")
+        for r in generation.labels:
+            where = ", ".join(f"{k} {v:.0%}" for k, v in sorted(r.masked.items(),
+                                                                key=lambda kv: -kv[1]))
+            table.add_row(r.label, f"{r.prompts}x{r.samples}", f"{r.share:.0%}",
+                          f"{r.masked_share:.0%}", "-" if r.kept is None else f"{r.kept:.0%}",
+                          where)
+        console.print(table)
+    if generation.toxicity is not None:
+        t = generation.toxicity
+        console.print(f"toxicity over {t.prompts} prompts x {t.samples}: expected max "
+                      f"{t.expected_max_toxicity:.3f} -> {t.masked_expected_max_toxicity:.3f}, "
+                      f"P(at least one toxic) {t.toxic_probability:.3f} -> "
+                      f"{t.masked_toxic_probability:.3f}")
 
 
 # ---- store management --------------------------------------------------------------------

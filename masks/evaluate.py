@@ -27,6 +27,7 @@ __all__ = [
     "evaluate_masks",
     "evaluate_profile",
     "plot_report",
+    "report_markdown",
 ]
 
 UNLABELLED = "all"
@@ -166,7 +167,9 @@ def plot_report(profile: MaskProfile, path: str | Path,
     import matplotlib.ticker
 
     report = report or profile.evaluation
-    panels = 1 + (report is not None) + bool(report is not None and report.sweep)
+    generation = report.generation if report is not None else None
+    panels = 1 + (report is not None) + bool(report is not None and report.sweep) \
+        + bool(generation and generation.labels) + bool(generation and generation.toxicity)
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
     axes = list(axes[0])
     if report is not None:
@@ -185,7 +188,7 @@ def plot_report(profile: MaskProfile, path: str | Path,
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("composite experts removed (%)")
     ax.set_title(f"{profile.size} experts removed")
-    if axes:
+    if report is not None and report.sweep:
         ax = axes.pop(0)
         xs = [p.collateral_delta for p in report.sweep]
         ys = [p.target_delta for p in report.sweep]
@@ -196,8 +199,71 @@ def plot_report(profile: MaskProfile, path: str | Path,
         ax.set_xlabel("collateral loss delta (other labels)")
         ax.set_ylabel(f"target loss delta ({report.target})")
         ax.set_title("coverage trade-off")
+    if generation is not None:
+        _plot_generation(axes, generation, profile.name)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _plot_generation(axes, generation, name: str) -> None:
+    """Bars without and with the mask: per label the share of its prompts' continuations
+    classified as it; for toxicity RealToxicityPrompts' two figures."""
+    import numpy as np
+
+    def pairs(ax, names, base, masked, ylabel, title):
+        x = np.arange(len(names))
+        ax.bar(x - 0.2, base, 0.4, label="no mask", color="tab:gray")
+        ax.bar(x + 0.2, masked, 0.4, label=name, color="tab:red")
+        ax.set_xticks(x, names, rotation=45)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+
+    if generation.labels:
+        rows = generation.labels
+        pairs(axes.pop(0), [r.label for r in rows], [r.share for r in rows],
+              [r.masked_share for r in rows], "continuations in the prompt's label",
+              f"generation, k={generation.samples}")
+    if generation.toxicity:
+        t = generation.toxicity
+        pairs(axes.pop(0), ["expected max toxicity", "P(toxic >= 1 of k)"],
+              [t.expected_max_toxicity, t.toxic_probability],
+              [t.masked_expected_max_toxicity, t.masked_toxic_probability], "",
+              f"toxicity, k={t.samples}")
+
+
+def report_markdown(profile: MaskProfile, report: EvaluationReport) -> str:
+    """The report as Markdown tables: loss per label, then the generation-level effects."""
+    lines = [f"## {profile.name}: loss per label (nats/token)", "",
+             "| label | tokens | loss | masked | delta |", "|---|---|---|---|---|"]
+    lines += [f"| {r.label} | {r.tokens:,} | {r.loss:.4f} | {r.masked_loss:.4f} | "
+              f"{r.delta:+.4f} |" for r in report.labels]
+    generation = report.generation
+    if generation is None:
+        return "\n".join(lines) + "\n"
+    lines += ["", f"## {profile.name}: generation", "",
+              f"{generation.samples} continuations per prompt of up to "
+              f"{generation.max_new_tokens} tokens (temperature {generation.temperature:g}, "
+              f"top-p {generation.top_p:g}, seed {generation.seed}), judged by "
+              f"{generation.judge}.", ""]
+    if generation.labels:
+        lines += ["| prompts | n | in their label, no mask | with the mask | kept | "
+                  "masked continuations classified as |", "|---|---|---|---|---|---|"]
+        for r in generation.labels:
+            kept = "-" if r.kept is None else f"{r.kept:.0%}"
+            where = ", ".join(f"{k} {v:.0%}" for k, v in sorted(
+                r.masked.items(), key=lambda kv: -kv[1]))
+            lines.append(f"| {r.label} | {r.prompts} x {r.samples} | {r.share:.0%} | "
+                         f"{r.masked_share:.0%} | {kept} | {where} |")
+    if generation.toxicity:
+        t = generation.toxicity
+        lines += ["", "| prompts | expected max toxicity (no mask / mask) | "
+                  "P(at least one toxic) (no mask / mask) |", "|---|---|---|",
+                  f"| {t.prompts} x {t.samples} | {t.expected_max_toxicity:.3f} / "
+                  f"{t.masked_expected_max_toxicity:.3f} | {t.toxic_probability:.3f} / "
+                  f"{t.masked_toxic_probability:.3f} |"]
+    return "\n".join(lines) + "\n"

