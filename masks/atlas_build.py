@@ -2,15 +2,16 @@
 
 Per routing layer the state is fixed-size, whatever the corpus: for X = E * E composite
 experts, the top-N (weight, context key) [N, X] and the top-M (token id, summed weight) [M, X],
-plus the per-label sums of masks.statistics.LabelAccumulator [L, X]. Tokens are taken C at a
-time, C = chunk_elements // X (16 at the release shape, E = 512), so the dense g_ij block
-[C, X] stays bounded too; each block is merged into the state by one torch.topk over
-[N + C, X] (the top-N is exact: a token in the overall top-N of an expert is in the top-N of
-its block merged with the state so far). The token sketch adds a block's sums to the ids
-already held and keeps the M largest; an id pushed out loses what it had (exact while an
-expert sees at most M distinct tokens; the heavy ones stay). Windows of text are cut after the
+plus the per-label sums of masks.statistics.LabelAccumulator [L, X]. The router keeps about k
+experts per side and head, so a token has weight on at most H * k^2 composite experts of
+X: each chunk of tokens becomes its (token, expert, g_ij) triples (masks.statistics' pair
+keys), merged with the state's entries by two sorts, the N largest per expert kept (exact: a
+token in an expert's overall top-N is in the top-N of any prefix of the stream it is in). The
+token sketch adds the triples' weights to the (expert, token) sums held and keeps the M
+largest; a token pushed out loses what it had (exact while an expert sees at most M distinct
+tokens; the heavy ones stay). Windows of text are cut after the
 pass, from a second read of the corpus, for the contexts that ended in some top-N only.
-Legend: T tokens, H heads, E experts per side, X = E * E, R routing layers, C block tokens.
+Legend: T tokens, H heads, E experts per side, X = E * E, R routing layers, P triples.
 """
 
 from __future__ import annotations
@@ -25,23 +26,24 @@ from tqdm.auto import tqdm
 
 from masks.atlas import Atlas
 from masks.corpus import Record, Window, collate, read_corpus
-from masks.statistics import LabelAccumulator
+from masks.statistics import LabelAccumulator, _pair_keys
 
 __all__ = ["AtlasAccumulator", "build_atlas", "route_documents"]
 
 UNLABELLED = "(unlabelled)"
 _POS_BITS = 32  # context key = document << 32 | position
+_CHUNK = 2048  # tokens at a time: about 2048 * H * k^2 (token, expert) pairs
 
 
 class AtlasAccumulator:
     """Streaming top-N contexts and top-M tokens per composite expert, and label sums."""
 
     def __init__(self, *, routing_layers: list[int], num_layers: int, num_experts: int,
-                 num_heads: int, groups: int, top_n: int = 16, top_tokens: int = 16,
-                 chunk_elements: int = 1 << 22, device: str | torch.device = "cpu"):
+                 num_heads: int, groups: int, vocab_size: int, top_n: int = 16,
+                 top_tokens: int = 16, device: str | torch.device = "cpu"):
         X, R = num_experts ** 2, len(routing_layers)
         self.routing_layers, self.num_experts = list(routing_layers), num_experts
-        self.block = max(1, chunk_elements // X)  # tokens per dense [C, X] block
+        self.vocab_size = vocab_size
         self.top_w = torch.zeros(R, top_n, X, device=device)
         self.top_key = torch.full((R, top_n, X), -1, dtype=torch.long, device=device)
         self.tok_w = torch.zeros(R, top_tokens, X, device=device)
@@ -61,43 +63,65 @@ class AtlasAccumulator:
         self.labels.add(router_probs, labels_T)
         for r, layer in enumerate(self.routing_layers):
             g1, g2 = router_probs[layer]
-            for start in range(0, g1.shape[0], self.block):
-                part = slice(start, start + self.block)
-                g_CX = torch.einsum("thi,thj->tij", g1[part].float(),
-                                    g2[part].float()).flatten(1)
-                self._merge_top(r, g_CX, keys_T[part].to(g_CX.device))
-                self._merge_tokens(r, g_CX, token_ids_T[part].to(g_CX.device))
+            for start in range(0, g1.shape[0], _CHUNK):
+                part = slice(start, start + _CHUNK)
+                t, x, w = _nonzero_experts(g1[part].float(), g2[part].float())
+                keys = keys_T[part].to(t.device)[t]
+                ids = token_ids_T[part].to(t.device)[t]
+                self._merge_top(r, x, w, keys)
+                self._merge_tokens(r, x, w, ids)
 
-    def _merge_top(self, r: int, g_CX: torch.Tensor, keys_C: torch.Tensor) -> None:
-        N = self.top_w.shape[1]
-        w = torch.cat([self.top_w[r], g_CX])  # [N + C, X]
-        keys = torch.cat([self.top_key[r], keys_C[:, None].expand_as(g_CX)])
-        best, index = w.topk(N, dim=0)
-        self.top_w[r], self.top_key[r] = best, keys.gather(0, index)
+    def _merge_top(self, r: int, x: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> None:
+        rank, held = (self.top_w[r] > 0).nonzero(as_tuple=True)
+        self.top_w[r], self.top_key[r] = _top_per_expert(
+            torch.cat([held, x]), torch.cat([self.top_w[r][rank, held], w]),
+            torch.cat([self.top_key[r][rank, held], keys]), shape=self.top_w.shape[1:])
 
-    def _merge_tokens(self, r: int, g_CX: torch.Tensor, ids_C: torch.Tensor) -> None:
-        M, X = self.tok_w.shape[1:]
-        uniq, inverse = ids_C.unique(return_inverse=True)  # [U]
-        sums = torch.zeros(len(uniq), X, device=g_CX.device).scatter_add_(  # [U, X]
-            0, inverse[:, None].expand_as(g_CX), g_CX)  # (index_add_ is 30x slower on CPU)
-        held, held_w = self.tok_id[r], self.tok_w[r]  # [M, X]
-        at = torch.searchsorted(uniq, held.clamp(min=0)).clamp(max=len(uniq) - 1)
-        found = (held >= 0) & (uniq[at] == held)
-        held_w = held_w + torch.where(found, sums.gather(0, at), 0.0)
-        taken = torch.zeros(len(uniq), X, dtype=torch.int32, device=g_CX.device)
-        sums[taken.scatter_add_(0, at, found.int()) > 0] = 0.0  # now counted in held_w
-        w = torch.cat([held_w, sums])
-        ids = torch.cat([held, uniq[:, None].expand(-1, X)])
-        best, index = w.topk(M, dim=0)
-        self.tok_w[r], self.tok_id[r] = best, torch.where(best > 0, ids.gather(0, index), -1)
+    def _merge_tokens(self, r: int, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> None:
+        V = self.vocab_size
+        rank, held = (self.tok_id[r] >= 0).nonzero(as_tuple=True)
+        pair = torch.cat([held * V + self.tok_id[r][rank, held], x * V + ids])
+        pair, inverse = pair.unique(return_inverse=True)  # (expert, token): add the weights
+        total = torch.zeros(len(pair), device=w.device).scatter_add_(
+            0, inverse, torch.cat([self.tok_w[r][rank, held], w]))
+        self.tok_w[r], self.tok_id[r] = _top_per_expert(pair // V, total, pair % V,
+                                                        shape=self.tok_w.shape[1:])
 
     def result(self) -> dict[str, np.ndarray]:
         """Arrays [R, X, N] / [R, X, M] (experts first), keys -1 where the weight is 0."""
-        top_key = torch.where(self.top_w > 0, self.top_key, -1)
         return {"top_weight": self.top_w.transpose(1, 2).cpu().numpy(),
-                "top_key": top_key.transpose(1, 2).cpu().numpy(),
+                "top_key": self.top_key.transpose(1, 2).cpu().numpy(),
                 "token_ids": self.tok_id.transpose(1, 2).to(torch.int32).cpu().numpy(),
                 "token_weight": self.tok_w.transpose(1, 2).cpu().numpy()}
+
+
+def _nonzero_experts(g1_THE: torch.Tensor, g2_THE: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token, expert, g_ij) of every composite expert with weight, [P] each: the pairs of
+    kept router entries per head (masks.statistics), the heads of one token added up."""
+    T, H, E = g1_THE.shape
+    key, val = _pair_keys(g1_THE, g2_THE, torch.arange(T, device=g1_THE.device))
+    key, inverse = key.unique(return_inverse=True)
+    weight = torch.zeros(len(key), device=val.device).scatter_add_(0, inverse, val.float())
+    return key // (E * E), key % (E * E), weight
+
+
+def _top_per_expert(x: torch.Tensor, w: torch.Tensor, payload: torch.Tensor, *,
+                    shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `n` largest w of each expert x, descending, as dense (w [n, X], payload [n, X];
+    0 and -1 where an expert has fewer): one sort by weight, one stable sort by expert."""
+    n, X = shape
+    order = torch.argsort(w, descending=True, stable=True)
+    order = order[torch.argsort(x[order], stable=True)]
+    x, w, payload = x[order], w[order], payload[order]
+    counts = torch.bincount(x, minlength=X)
+    rank = torch.arange(len(x), device=x.device) - (counts.cumsum(0) - counts)[x]
+    keep = (rank < n) & (w > 0)
+    top_w = torch.zeros(n, X, device=w.device)
+    top_payload = torch.full((n, X), -1, dtype=torch.long, device=w.device)
+    top_w[rank[keep], x[keep]] = w[keep]
+    top_payload[rank[keep], x[keep]] = payload[keep]
+    return top_w, top_payload
 
 
 @dataclass(slots=True)
@@ -168,7 +192,8 @@ def build_atlas(model, corpus: str | Path | list[Record], *, fingerprint: str = 
         fingerprint = corpus_fingerprint(corpus)
     shape = _shape(model)
     acc = AtlasAccumulator(routing_layers=_routing_layers(model), top_n=top_n,
-                           top_tokens=top_tokens, device=model.device, **shape)
+                           top_tokens=top_tokens, vocab_size=model.config.vocab_size,
+                           device=model.device, **shape)
     bar = tqdm(desc="atlas", unit="tok", unit_scale=True, disable=progress is not True)
     routed = 0
     try:

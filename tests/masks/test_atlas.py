@@ -21,10 +21,9 @@ def _sparse_router(T: int, H: int, E: int, k: int, gen: torch.Generator) -> torc
     return (g / g.sum(-1, keepdim=True)).float()
 
 
-def _accumulator(E=6, H=2, top_n=5, top_tokens=4, chunk_elements=7 * 36):
+def _accumulator(E=6, H=2, top_n=5, top_tokens=4, vocab=300):
     return AtlasAccumulator(routing_layers=[0, 2], num_layers=4, num_experts=E, num_heads=H,
-                            groups=2, top_n=top_n, top_tokens=top_tokens,
-                            chunk_elements=chunk_elements)
+                            groups=2, vocab_size=vocab, top_n=top_n, top_tokens=top_tokens)
 
 
 def _stream(acc, batches):
@@ -59,7 +58,7 @@ def _brute(batches, layer, E):
 def test_top_n_is_exact_against_a_brute_force():
     E, N = 6, 5
     batches = _synthetic(E=E)
-    acc = _accumulator(E=E, top_n=N)  # blocks of 7 tokens: many merges per batch
+    acc = _accumulator(E=E, top_n=N)  # 11 batches of 37 tokens: 11 merges
     _stream(acc, batches)
     out = acc.result()
     for r, layer in enumerate((0, 2)):
@@ -98,7 +97,7 @@ def test_token_sketch_keeps_the_heavy_tokens_of_a_long_tail():
     for 4, token 0 is first for every expert that it reaches."""
     E = 4
     gen = torch.Generator().manual_seed(1)
-    acc = _accumulator(E=E, top_tokens=4, chunk_elements=16 * 16)
+    acc = _accumulator(E=E, top_tokens=4)
     for step in range(20):
         T = 40
         probs = {l: (_sparse_router(T, 2, E, 2, gen), _sparse_router(T, 2, E, 2, gen))
@@ -111,7 +110,7 @@ def test_token_sketch_keeps_the_heavy_tokens_of_a_long_tail():
 
 def test_memory_is_bounded_by_the_shape_not_the_corpus():
     E, H, N, M = 6, 2, 5, 4
-    acc = _accumulator(E=E, H=H, top_n=N, top_tokens=M, chunk_elements=1 << 16)
+    acc = _accumulator(E=E, H=H, top_n=N, top_tokens=M)
     R, X = 2, E * E
     expected = R * X * (N * (4 + 8) + M * (4 + 8))
     _stream(acc, _synthetic(T_total=50, E=E))
@@ -122,14 +121,13 @@ def test_memory_is_bounded_by_the_shape_not_the_corpus():
 
 
 def test_release_shape_block_and_state():
-    """E = 512 (262,144 experts per routing layer): blocks of 16 tokens, 50 MB of state."""
+    """E = 512 (262,144 experts per routing layer): 75 MB of state at N = 16, M = 8."""
     E, H = 512, 8
     acc = AtlasAccumulator(routing_layers=[0], num_layers=1, num_experts=E, num_heads=H,
-                           groups=1, top_n=16, top_tokens=8)
-    assert acc.block == 16
+                           groups=1, vocab_size=32_000, top_n=16, top_tokens=8)
     assert acc.state_bytes() == E * E * (16 + 8) * 12
     gen = torch.Generator().manual_seed(2)
-    T = 20  # two blocks
+    T = 40
     probs = {0: (_sparse_router(T, H, E, 4, gen), _sparse_router(T, H, E, 4, gen))}
     acc.add(probs, keys_T=torch.arange(T), token_ids_T=torch.arange(T), labels_T=["a"] * T)
     g = torch.einsum("thi,thj->tij", *probs[0]).reshape(T, -1)
