@@ -15,7 +15,7 @@ from server.deps import AdminKey, GenerateKey, StateDep
 from server.errors import ERROR_RESPONSES, ApiError
 from server.routers.inspect import model_profiles
 from server.routers.jobs import job_out
-from server.schemas.atlas import AtlasBuildRequest, ExpertEntry, ExpertSearch
+from server.schemas.atlas import AtlasBuildRequest, AtlasSummary, ExpertEntry, ExpertSearch
 from server.schemas.masks import AtlasBuilt, JobOut
 
 __all__ = ["router"]
@@ -28,6 +28,18 @@ SEARCH_TOP_K = 256  # experts per token and routing layer asked of the engine (H
 Offset = Annotated[int, Query(ge=0, le=10_000_000, description="Experts to skip.")]
 Limit = Annotated[int, Query(ge=1, le=100, description="Experts per page.")]
 Index = Annotated[int, Path(ge=0, le=2**31 - 1)]
+
+
+@router.get("", response_model=AtlasSummary, responses=ERROR_RESPONSES)
+async def summary(_: GenerateKey, state: StateDep) -> dict[str, Any]:
+    """The atlas of this model: its shape, corpus and labels (404 when none is built)."""
+    atlas = await state.atlas.get()
+    return {"atlas": state.atlas.name, "model_id": atlas.model_id,
+            "corpus_fingerprint": atlas.corpus_fingerprint, "num_layers": atlas.num_layers,
+            "num_experts": atlas.num_experts, "routing_layers": atlas.routing_layers,
+            "labels": atlas.labels, "label_tokens": atlas.label_tokens.tolist(),
+            "tokens": atlas.tokens, "documents": atlas.documents,
+            "top_n": int(atlas.top_weight.shape[-1]), "top_tokens": int(atlas.token_ids.shape[-1])}
 
 
 @router.get("/search", response_model=ExpertSearch, responses=ERROR_RESPONSES)

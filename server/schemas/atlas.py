@@ -7,7 +7,7 @@ from pydantic import BaseModel, Field, model_validator
 from server.schemas.common import Strict
 from server.schemas.masks import AtlasBuilt, CorpusRecord
 
-__all__ = ["AtlasBuildRequest", "AtlasBuilt", "ExpertEntry", "ExpertHit", "ExpertSearch"]
+__all__ = ["AtlasBuildRequest", "AtlasBuilt", "AtlasSummary", "ExpertEntry", "ExpertHit", "ExpertSearch"]
 
 
 class AtlasBuildRequest(Strict):
@@ -26,6 +26,21 @@ class AtlasBuildRequest(Strict):
         if (self.records is None) == (self.corpus is None):
             raise ValueError("give exactly one of 'records' and 'corpus'")
         return self
+
+
+class AtlasSummary(BaseModel):
+    atlas: str = Field(description="The artifact's name in the mask store.")
+    model_id: str
+    corpus_fingerprint: str
+    num_layers: int
+    num_experts: int = Field(description="E, experts per side: composite experts are E x E.")
+    routing_layers: list[int]
+    labels: list[str]
+    label_tokens: list[int] = Field(description="Tokens per label in the corpus.")
+    tokens: int
+    documents: int
+    top_n: int
+    top_tokens: int
 
 
 class Context(BaseModel):

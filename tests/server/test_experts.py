@@ -59,9 +59,13 @@ def test_no_atlas_is_404_and_build_needs_admin(server, gen_module):
     assert r.status_code == 403
 
 
-def test_build_result(built):
+def test_build_result_and_summary(built, gen_module):
     assert built["atlas"].startswith("atlas:monet-")
     assert built["documents"] == len(RECORDS) and built["tokens"] > 0 and built["contexts"] > 0
+    summary = gen_module.get("/experts").json()
+    assert summary["atlas"] == built["atlas"] and summary["labels"] == ["code", "prose"]
+    assert summary["tokens"] == built["tokens"] == sum(summary["label_tokens"])
+    assert summary["top_n"] == 4 and summary["num_experts"] == 16
 
 
 def test_expert_entry_and_the_profiles_that_remove_it(built, gen_module, admin_module):
