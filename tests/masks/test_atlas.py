@@ -195,3 +195,33 @@ def test_bytes_round_trip_and_damage(built):
     for bad in (b"", data[: len(data) // 2], b"x" * 100):
         with pytest.raises(AtlasCorrupt):
             Atlas.from_bytes(bad)
+
+
+def test_cli_build_stores_the_atlas_under_the_model_identity(tiny_checkpoint, tiny_model,
+                                                             tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from masks.atlas import atlas_name
+    from masks.local_store import LocalMaskStore
+    from monet_cli.main import app
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": r.text, "label": r.label}) + "\n"
+                              for r in CORPUS))
+    result = CliRunner().invoke(app, ["atlas", "build", str(corpus), "--model",
+                                      str(tiny_checkpoint), "--store", str(tmp_path / "store"),
+                                      "--top-n", "3", "--out", str(tmp_path / "atlas.bin")])
+    assert result.exit_code == 0, result.output
+    assert "built in" in result.output
+    store = LocalMaskStore(tmp_path / "store")
+    stored = store.get_artifact(atlas_name(tiny_model.identity))
+    store.close()
+    assert stored.data == (tmp_path / "atlas.bin").read_bytes()
+    atlas = Atlas.from_bytes(stored.data)
+    assert atlas.top_weight.shape[-1] == 3 and atlas.labels == ["c", "english", "python"]
+    missing = CliRunner().invoke(app, ["atlas", "build", str(tmp_path / "nope.jsonl"),
+                                       "--model", str(tiny_checkpoint),
+                                       "--store", str(tmp_path / "store")])
+    assert missing.exit_code == 1 and "not" in missing.output and "exist" in missing.output
