@@ -28,7 +28,8 @@ class _Counted:
 
 
 class RuntimeProfileBuilder:
-    """Builds profiles and atlases with a runtime model (loaded on first use when the engine is not the runtime)."""
+    """Builds profiles and atlases with a runtime model (loaded on first use when the engine is
+    not the runtime)."""
 
     def __init__(self, model: Any | Callable[[], Any]):
         self._model, self._lock = model, threading.Lock()

@@ -7,7 +7,8 @@ from pydantic import BaseModel, Field, model_validator
 from server.schemas.common import Strict
 from server.schemas.masks import AtlasBuilt, CorpusRecord
 
-__all__ = ["AtlasBuildRequest", "AtlasBuilt", "AtlasSummary", "ExpertEntry", "ExpertHit", "ExpertSearch"]
+__all__ = ["AtlasBuildRequest", "AtlasBuilt", "AtlasSummary", "ExpertEntry", "ExpertHit",
+           "ExpertSearch"]
 
 
 class AtlasBuildRequest(Strict):

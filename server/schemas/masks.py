@@ -11,8 +11,8 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from server.schemas.common import Strict, TokenId
 
-__all__ = ["AtlasBuilt", "BuildRequest", "CorpusRecord", "InspectRequest", "InspectResponse", "JobOut",
-           "LayerExperts", "ProfileWrite", "WriteResult"]
+__all__ = ["AtlasBuilt", "BuildRequest", "CorpusRecord", "InspectRequest", "InspectResponse",
+           "JobOut", "LayerExperts", "ProfileWrite", "WriteResult"]
 
 Index = Annotated[int, Field(ge=0, le=2**31 - 1)]
 Pair = Annotated[list[Index], Field(min_length=2, max_length=2)]
