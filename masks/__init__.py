@@ -5,8 +5,12 @@
     profile = store.get("no-python")                    # StoreUnavailable if unreachable
     mask = profile.mask_for(model.identity)             # ModelMismatch if built for another
 
-Builders (masks.builders), evaluation (masks.evaluate) and the CLI (masks.cli.masks_app)
-import torch and route text through the runtime; this package root does not load them.
+Builders (masks.builders), evaluation (masks.evaluate), the expert atlas's build
+(masks.atlas_build) and the CLI (masks.cli.masks_app) import torch and route text through the
+runtime; this package root does not load them. The atlas itself (masks.atlas) is numpy only:
+
+    atlas = Atlas.from_bytes(store.get_artifact(atlas_name(model.identity)).data)
+    atlas.expert(layer, i, j)                           # contexts, label means, top tokens
 """
 
 import importlib

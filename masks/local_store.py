@@ -5,6 +5,7 @@ Tables in `root/masks.sqlite3`:
   blobs(name, version, data)                   MaskProfile.to_bytes of each kept version
   changes(seq, token, name)                    the change log: one row per write (the last
                                                LOG_KEEP), a random token each
+  artifacts(name, digest, data)                named blobs beside the profiles (not logged)
 Each write is one IMMEDIATE transaction (compare-and-set, blob, head, change row, trims), each
 read one statement or one read transaction, so nobody sees half a write; a busy timeout lets
 processes wait for each other's writes. Watches poll `changes()`. The path is checked at every
@@ -26,6 +27,9 @@ from pathlib import Path
 
 from masks.schema import MaskProfile, ProfileSummary, valid_name
 from masks.store import (
+    Artifact,
+    ArtifactCorrupt,
+    ArtifactNotFound,
     ChangeEvent,
     ChangeSet,
     PollingWatch,
@@ -34,6 +38,8 @@ from masks.store import (
     StoreUnavailable,
     VersionConflict,
     Written,
+    check_artifact,
+    digest_of,
 )
 
 __all__ = ["LocalMaskStore"]
@@ -50,6 +56,8 @@ CREATE TABLE IF NOT EXISTS blobs (name TEXT NOT NULL, version INTEGER NOT NULL,
     data BLOB NOT NULL, PRIMARY KEY (name, version));
 CREATE TABLE IF NOT EXISTS changes (seq INTEGER PRIMARY KEY, token TEXT NOT NULL,
     name TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS artifacts (name TEXT PRIMARY KEY, digest TEXT NOT NULL,
+    data BLOB NOT NULL);
 """
 
 
@@ -249,6 +257,41 @@ class LocalMaskStore:
 
     def watch(self, since: int | None = None) -> PollingWatch:
         return PollingWatch(self, since=since, poll_interval=self.poll_interval)
+
+    # ---- artifacts -------------------------------------------------------------------------
+    def put_artifact(self, name: str, data: bytes) -> str:
+        check_artifact(name, data)
+        digest = digest_of(data)
+        with self._io(f"writing artifact '{name}'"), self._lock, self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO artifacts (name, digest, data) VALUES (?, ?, ?)",
+                       (name, digest, bytes(data)))
+        return digest
+
+    def get_artifact(self, name: str) -> Artifact:
+        check_artifact(name)
+        with self._io(f"reading artifact '{name}'"), self._lock:
+            row = self._db().execute("SELECT digest, data FROM artifacts WHERE name = ?",
+                                     (name,)).fetchone()
+        if row is None:
+            raise ArtifactNotFound(name)
+        digest, data = row
+        if not isinstance(data, bytes) or digest_of(data) != digest:
+            raise ArtifactCorrupt(name, "its bytes do not match their digest")
+        return Artifact(name, data, digest)
+
+    def artifact_digest(self, name: str) -> str:
+        check_artifact(name)
+        with self._io(f"reading artifact '{name}'"), self._lock:
+            row = self._db().execute("SELECT digest FROM artifacts WHERE name = ?",
+                                     (name,)).fetchone()
+        if row is None:
+            raise ArtifactNotFound(name)
+        return str(row[0])
+
+    def delete_artifact(self, name: str) -> bool:
+        check_artifact(name)
+        with self._io(f"deleting artifact '{name}'"), self._lock, self._transaction() as db:
+            return db.execute("DELETE FROM artifacts WHERE name = ?", (name,)).rowcount > 0
 
     def ping(self) -> None:
         with self._io("checking the database"), self._lock:

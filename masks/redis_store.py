@@ -8,6 +8,7 @@ Keys under a namespace N (default "monet:masks"):
   N:head:<name>         hash: version, seq, deleted (a tombstone after delete)
   N:versions:<name>     sorted set of the kept versions
   N:blob:<name>:<v>     MaskProfile.to_bytes of version v
+  N:artifact:<name>     hash: digest, data of a named blob (not logged, not published)
   N:events              pub/sub channel: {"seq", "name", "version", "deleted", "token",
                         "prev"} per change (prev: the token at seq - 1)
 Writes are Lua scripts (atomic): check the expected version, write the blob, bump the seq,
@@ -32,6 +33,9 @@ from redis.retry import Retry
 
 from masks.schema import MaskProfile, ProfileSummary, valid_name
 from masks.store import (
+    Artifact,
+    ArtifactCorrupt,
+    ArtifactNotFound,
     ChangeEvent,
     ChangeSet,
     ProfileCorrupt,
@@ -40,6 +44,8 @@ from masks.store import (
     VersionConflict,
     Watch,
     Written,
+    check_artifact,
+    digest_of,
 )
 
 __all__ = ["RedisMaskStore", "RedisWatch"]
@@ -305,6 +311,38 @@ class RedisMaskStore:
 
     def watch(self, since: int | None = None) -> RedisWatch:
         return RedisWatch(self, since=since, resync_interval=self.resync_interval)
+
+    # ---- artifacts -------------------------------------------------------------------------
+    def put_artifact(self, name: str, data: bytes) -> str:
+        check_artifact(name, data)
+        digest = digest_of(data)
+        with self._io(f"writing artifact '{name}'"):  # one HSET: both fields or neither
+            self.client.hset(f"{self.ns}:artifact:{name}",
+                             mapping={"digest": digest, "data": bytes(data)})
+        return digest
+
+    def get_artifact(self, name: str) -> Artifact:
+        check_artifact(name)
+        with self._io(f"reading artifact '{name}'"):
+            digest, data = self.client.hmget(f"{self.ns}:artifact:{name}", "digest", "data")
+        if digest is None and data is None:
+            raise ArtifactNotFound(name)
+        if digest is None or data is None or digest_of(data) != digest.decode(errors="replace"):
+            raise ArtifactCorrupt(name, "its bytes do not match their digest")
+        return Artifact(name, data, digest.decode())
+
+    def artifact_digest(self, name: str) -> str:
+        check_artifact(name)
+        with self._io(f"reading artifact '{name}'"):
+            digest = self.client.hget(f"{self.ns}:artifact:{name}", "digest")
+        if digest is None:
+            raise ArtifactNotFound(name)
+        return digest.decode(errors="replace")
+
+    def delete_artifact(self, name: str) -> bool:
+        check_artifact(name)
+        with self._io(f"deleting artifact '{name}'"):
+            return bool(self.client.delete(f"{self.ns}:artifact:{name}"))
 
     def ping(self) -> None:
         with self._io("ping"):

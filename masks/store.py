@@ -13,11 +13,18 @@ dropped connection, or no news for a while); a history other than its own yields
 `catch_up`s when it is not where the cache is.
 Store failures raise StoreUnavailable, never "not found", so that callers can fail closed; a
 record that cannot be decoded raises ProfileCorrupt, naming the profile.
+
+Artifacts are named binary blobs kept beside the profiles (an expert atlas, under the model's
+identity): put replaces, get returns the bytes with their sha256 digest and checks it (a damaged
+record raises ArtifactCorrupt), `artifact_digest` is the digest alone, so that a reader can tell
+in one small round trip whether its loaded copy is current. At most MAX_ARTIFACT_BYTES each.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -27,8 +34,12 @@ from typing import Protocol, runtime_checkable
 from masks.schema import MaskProfile, ProfileSummary
 
 __all__ = [
+    "MAX_ARTIFACT_BYTES",
     "MUST_NOT_EXIST",
     "RESET",
+    "Artifact",
+    "ArtifactCorrupt",
+    "ArtifactNotFound",
     "AsyncMaskStore",
     "ChangeEvent",
     "ChangeSet",
@@ -41,11 +52,15 @@ __all__ = [
     "Watch",
     "Written",
     "catch_up",
+    "check_artifact",
+    "digest_of",
     "open_store",
 ]
 
 MUST_NOT_EXIST = 0  # expected_version for "create, do not overwrite"
 RESET = "*"  # ChangeEvent.name when the store lost its history: drop every cached profile
+MAX_ARTIFACT_BYTES = 256 << 20  # below Redis's 512 MiB value limit, with room to spare
+_ARTIFACT_NAME = re.compile(r"^[a-z0-9][a-z0-9._:-]{0,127}$")
 
 
 class StoreError(Exception):
@@ -80,6 +95,40 @@ class ProfileCorrupt(StoreError):
         what = f"'{name}'" if version is None else f"'{name}' version {version}"
         super().__init__(f"mask profile {what} is corrupt in the store: {error}")
         self.name, self.version = name, version
+
+
+class ArtifactNotFound(StoreError, LookupError):
+    def __init__(self, name: str):
+        super().__init__(f"artifact '{name}' not found")
+        self.name = name
+
+
+class ArtifactCorrupt(StoreError):
+    """An artifact whose bytes do not match their digest (or cannot be decoded by its reader)."""
+
+    def __init__(self, name: str, error: BaseException | str):
+        super().__init__(f"artifact '{name}' is corrupt in the store: {error}")
+        self.name = name
+
+
+@dataclass(frozen=True, slots=True)
+class Artifact:
+    name: str
+    data: bytes
+    digest: str  # "sha256:<hex>" of data
+
+
+def digest_of(data: bytes) -> str:
+    return f"sha256:{hashlib.sha256(data).hexdigest()}"
+
+
+def check_artifact(name: str, data: bytes | None = None) -> None:
+    """ValueError for a name outside [a-z0-9._:-] (128 at most) or data over the bound."""
+    if not isinstance(name, str) or not _ARTIFACT_NAME.match(name):
+        raise ValueError(f"artifact name {name[:80]!r}: use 1 to 128 of a-z 0-9 . _ : -")
+    if data is not None and len(data) > MAX_ARTIFACT_BYTES:
+        raise ValueError(f"artifact '{name}': {len(data)} bytes, the store keeps at most "
+                         f"{MAX_ARTIFACT_BYTES}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +202,22 @@ class MaskStore(Protocol):
 
     def watch(self, since: int | None = None) -> Watch:
         """Notifications of changes after `since` (default: from now)."""
+        ...
+
+    def put_artifact(self, name: str, data: bytes) -> str:
+        """Store (replace) a named blob; returns its digest. ValueError: bad name, too large."""
+        ...
+
+    def get_artifact(self, name: str) -> Artifact:
+        """ArtifactNotFound when absent, ArtifactCorrupt when its bytes fail their digest."""
+        ...
+
+    def artifact_digest(self, name: str) -> str:
+        """The stored digest alone (ArtifactNotFound when absent): one small round trip."""
+        ...
+
+    def delete_artifact(self, name: str) -> bool:
+        """Whether there was one."""
         ...
 
     def ping(self) -> None: ...

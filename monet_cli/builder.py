@@ -1,6 +1,6 @@
-"""Mask profile builds for the server's POST /masks/{name}/build (server.jobs.ProfileBuilder):
-route the corpus through the runtime model with masks.builders, reporting progress as the
-records are consumed.
+"""Mask profile builds for the server's POST /masks/{name}/build (server.jobs.ProfileBuilder)
+and atlas builds for POST /experts/build (server.jobs.AtlasBuilder): route the corpus through
+the runtime model with masks.builders / masks.atlas_build, reporting progress.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ class _Counted:
 
 
 class RuntimeProfileBuilder:
-    """Builds with a runtime model (loaded on first use when the engine is not the runtime)."""
+    """Builds profiles and atlases with a runtime model (loaded on first use when the engine is
+    not the runtime)."""
 
     def __init__(self, model: Any | Callable[[], Any]):
         self._model, self._lock = model, threading.Lock()
@@ -79,6 +80,24 @@ class RuntimeProfileBuilder:
                                       max_length=spec.max_length, progress=False)
             profile = profile.with_evaluation(report)
         return profile
+
+    def build_atlas(self, spec, *, corpus: Path | None, progress: Callable[[float, str], None]):
+        """server.jobs.AtlasBuilder: the expert atlas (masks.atlas_build) of the model."""
+        from masks.atlas_build import build_atlas
+        from masks.corpus import Record, corpus_fingerprint, read_corpus, records_fingerprint
+
+        model = self.model()
+        if corpus is not None:
+            records, fingerprint = list(read_corpus(corpus)), corpus_fingerprint(corpus)
+        else:
+            records = [Record(r.text, r.label) for r in spec.records]
+            fingerprint = records_fingerprint(records)
+        total = max(sum(len(model.tokenizer.encode(r.text, add_bos=False)) for r in records), 1)
+        return build_atlas(model, records, fingerprint=fingerprint, top_n=spec.top_n,
+                           top_tokens=spec.top_tokens, window=spec.window,
+                           max_length=spec.max_length,
+                           progress=lambda n: progress(0.95 * n / total,
+                                                       f"routed {n}/{total} tokens"))
 
     @staticmethod
     def _records(spec, corpus: Path | None) -> tuple[list, str]:

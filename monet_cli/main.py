@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from masks.cli import masks_app
+from monet_cli.atlas import atlas_app
 from monet_cli.checkpoint import checkpoint_app
 from monet_cli.serve import serve_command
 from training.cli import corpus_app, languages_command, train_command
@@ -18,6 +19,7 @@ from training.cli import corpus_app, languages_command, train_command
 app = typer.Typer(help="monet-serve: MONET models with per-request expert mask profiles.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
 app.add_typer(masks_app, name="masks")
+app.add_typer(atlas_app, name="atlas")
 app.add_typer(corpus_app, name="corpus")
 app.add_typer(checkpoint_app, name="checkpoint")
 app.command("train")(train_command)

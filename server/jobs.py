@@ -17,13 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from masks import MaskProfile
 
 from server.logs import log_event
 
-__all__ = ["Job", "JobManager", "ProfileBuilder", "Progress"]
+__all__ = ["AtlasBuilder", "Job", "JobManager", "ProfileBuilder", "Progress"]
 
 Progress = Callable[[float, str], None]  # (share done in [0, 1], message)
 
@@ -33,6 +33,14 @@ class ProfileBuilder(Protocol):
               corpus: Path | None, progress: Progress) -> MaskProfile:
         """A profile (not yet stored) from a server.schemas.masks.BuildRequest; ValueError
         for a corpus or a selection that cannot make one."""
+        ...
+
+
+@runtime_checkable
+class AtlasBuilder(Protocol):
+    def build_atlas(self, spec: Any, *, corpus: Path | None, progress: Progress) -> Any:
+        """The model's masks.atlas.Atlas (not yet stored) from a
+        server.schemas.atlas.AtlasBuildRequest; ValueError for a corpus it cannot read."""
         ...
 
 

@@ -9,7 +9,7 @@ from server.engine import Engine
 from server.errors import install_error_handlers
 from server.jobs import ProfileBuilder
 from server.middleware import RequestContext
-from server.routers import generate, inspect, jobs, masks, openai, ops, tokenize
+from server.routers import experts, generate, inspect, jobs, masks, openai, ops, tokenize
 from server.settings import Settings
 from server.state import ServerState, lifespan
 
@@ -27,6 +27,6 @@ def create_app(*, engine: Engine, store: MaskStore, settings: Settings | None = 
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes,
                        metrics=state.metrics, hosts=settings.host_names())
     install_error_handlers(app)
-    for module in (generate, openai, tokenize, masks, jobs, inspect, ops):
+    for module in (generate, openai, tokenize, masks, jobs, inspect, experts, ops):
         app.include_router(module.router)
     return app

@@ -195,15 +195,19 @@ class ProfileAdmin:
 
     # ---- building --------------------------------------------------------------------------
     def _corpus(self, spec: BuildRequest) -> Path | None:
-        if spec.corpus is None:
+        return self.corpus_path(spec.corpus)
+
+    def corpus_path(self, corpus: str | None) -> Path | None:
+        """A corpus file named relative to MONET_CORPUS_DIR (404 outside it or absent)."""
+        if corpus is None:
             return None
         if self.corpus_dir is None:
             raise ApiError(422, "corpus: this server has no MONET_CORPUS_DIR; send 'records'",
                            param="corpus")
         root = self.corpus_dir.resolve()
-        path = (root / spec.corpus).resolve()
+        path = (root / corpus).resolve()
         if not path.is_relative_to(root) or not path.exists():
-            raise ApiError(404, f"corpus: no corpus {spec.corpus!r} under the corpus directory",
+            raise ApiError(404, f"corpus: no corpus {corpus!r} under the corpus directory",
                            param="corpus")
         return path
 

@@ -22,6 +22,7 @@ from typing import Any
 from fastapi import FastAPI
 from masks import MaskStore, ProfileCache, StoreUnavailable
 
+from server.atlas import AtlasReader
 from server.auth import KeyRing
 from server.engine import Engine
 from server.errors import ApiError
@@ -52,6 +53,7 @@ class ServerState:
     service: GenerationService
     admin: ProfileAdmin
     jobs: JobManager
+    atlas: AtlasReader
     tasks: list[asyncio.Task] = field(default_factory=list)
 
     @classmethod
@@ -78,7 +80,7 @@ class ServerState:
                    service=GenerationService(engine, resolver, metrics, settings),
                    admin=ProfileAdmin(store, resolver, engine, jobs, builder,
                                       settings.corpus_dir),
-                   jobs=jobs)
+                   jobs=jobs, atlas=AtlasReader(store, engine.model_identity))
 
     # ---- background work ---------------------------------------------------------------
     async def _start_watch(self) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from masks import MaskProfile, MaskStore, ProfileSummary, StoreUnavailable, Written
+from masks.store import Artifact
 
 from server.metrics import Metrics
 
@@ -86,6 +87,18 @@ class InstrumentedStore:
 
     def watch(self, since: int | None = None):
         return self.inner.watch(since)
+
+    def put_artifact(self, name: str, data: bytes) -> str:
+        return self._call("put_artifact", self.inner.put_artifact, name, data)
+
+    def get_artifact(self, name: str) -> Artifact:
+        return self._call("get_artifact", self.inner.get_artifact, name)
+
+    def artifact_digest(self, name: str) -> str:
+        return self._call("artifact_digest", self.inner.artifact_digest, name)
+
+    def delete_artifact(self, name: str) -> bool:
+        return self._call("delete_artifact", self.inner.delete_artifact, name)
 
     def ping(self) -> None:
         self._call("ping", self.inner.ping)

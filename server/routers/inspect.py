@@ -13,13 +13,14 @@ from server.errors import ERROR_RESPONSES, ApiError
 from server.masking import ProfileRef, parse_refs
 from server.schemas.masks import InspectRequest, InspectResponse
 
-__all__ = ["router"]
+__all__ = ["model_profiles", "router"]
 
 router = APIRouter(tags=["inspect"], route_class=BodyInThread)
 MAX_PROFILES = 64
 
 
-async def _profiles(state, requested: list[str] | None) -> list:
+async def model_profiles(state, requested: list[str] | None) -> list:
+    """The requested profiles, or every stored profile of this model (the first MAX_PROFILES)."""
     if requested is not None:
         refs = parse_refs(requested, param="profiles")
         return [await state.resolver.lookup(ref, param="profiles") for ref in refs]
@@ -50,7 +51,7 @@ async def inspect(body: InspectRequest, _: GenerateKey, state: StateDep) -> dict
     bad = next((t for t in ids if t >= engine.vocab_size), None)
     if bad is not None:
         raise ApiError(422, f"{param}: token id {bad} is outside the vocabulary", param=param)
-    profiles = await _profiles(state, body.profiles)
+    profiles = await model_profiles(state, body.profiles)
     routing = await engine.routing(ids, top_k=body.top_k)
     E = engine.num_experts
     tokens = []

@@ -11,8 +11,8 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from server.schemas.common import Strict, TokenId
 
-__all__ = ["BuildRequest", "CorpusRecord", "InspectRequest", "InspectResponse", "JobOut",
-           "LayerExperts", "ProfileWrite", "WriteResult"]
+__all__ = ["AtlasBuilt", "BuildRequest", "CorpusRecord", "InspectRequest", "InspectResponse",
+           "JobOut", "LayerExperts", "ProfileWrite", "WriteResult"]
 
 Index = Annotated[int, Field(ge=0, le=2**31 - 1)]
 Pair = Annotated[list[Index], Field(min_length=2, max_length=2)]
@@ -149,6 +149,17 @@ class BuildRequest(Strict):
         return self
 
 
+class AtlasBuilt(BaseModel):
+    """What POST /experts/build stored."""
+
+    atlas: str = Field(description="The artifact's name in the mask store.")
+    digest: str
+    tokens: int
+    documents: int
+    contexts: int
+    bytes: int
+
+
 class JobOut(BaseModel):
     id: str
     kind: str
@@ -159,7 +170,7 @@ class JobOut(BaseModel):
     created_at: datetime
     finished_at: datetime | None = None
     created_by: str
-    result: WriteResult | None = None
+    result: WriteResult | AtlasBuilt | None = None  # a profile build's write, or an atlas
     error: str | None = None
 
 

@@ -321,3 +321,78 @@ def test_head_is_the_latest_write(connect, make_profile):
     assert store.head() == (0, "")
     other.put(make_profile("p"))
     assert store.head()[0] == 1 and store.head()[1] not in ("", changes.token, token)
+
+
+# ---- artifacts: named blobs beside the profiles -----------------------------------------
+def test_artifact_round_trip_replace_and_delete(connect):
+    from masks.store import ArtifactNotFound, digest_of
+
+    store, other = connect(), connect()
+    with pytest.raises(ArtifactNotFound):
+        store.get_artifact("atlas:monet-x")
+    with pytest.raises(ArtifactNotFound):
+        store.artifact_digest("atlas:monet-x")
+    data = bytes(range(256)) * 4096  # 1 MiB, every byte value
+    digest = store.put_artifact("atlas:monet-x", data)
+    assert digest == digest_of(data) == other.artifact_digest("atlas:monet-x")
+    got = other.get_artifact("atlas:monet-x")
+    assert got.data == data and got.digest == digest
+    assert store.put_artifact("atlas:monet-x", b"second") != digest
+    assert other.get_artifact("atlas:monet-x").data == b"second"
+    assert store.head() == (0, "")  # artifacts are not profile changes: caches stay put
+    assert store.delete_artifact("atlas:monet-x") is True
+    assert store.delete_artifact("atlas:monet-x") is False
+    with pytest.raises(ArtifactNotFound):
+        other.get_artifact("atlas:monet-x")
+
+
+def test_artifact_bounds_and_names(connect, monkeypatch):
+    import masks.store
+
+    store = connect()
+    for bad in ("", "Atlas", "a/b", "x" * 129, "../etc"):
+        with pytest.raises(ValueError, match="artifact name"):
+            store.put_artifact(bad, b"x")
+        with pytest.raises(ValueError, match="artifact name"):
+            store.get_artifact(bad)
+    monkeypatch.setattr(masks.store, "MAX_ARTIFACT_BYTES", 1000)
+    with pytest.raises(ValueError, match="at most 1000"):
+        store.put_artifact("big", b"x" * 1001)
+    store.put_artifact("big", b"x" * 1000)
+
+
+def test_artifact_damaged_record_is_corrupt(connect, tmp_path, namespace, request):
+    import sqlite3
+
+    from masks.store import ArtifactCorrupt
+
+    store = connect()
+    store.put_artifact("atlas:m", b"good bytes")
+    if isinstance(store, LocalMaskStore):
+        db = sqlite3.connect(tmp_path / "store" / "masks.sqlite3")
+        db.execute("UPDATE artifacts SET data = ? WHERE name = 'atlas:m'", (b"bad bytes!",))
+        db.commit()
+        db.close()
+    else:
+        client = redis.Redis.from_url(request.getfixturevalue("redis_server").url)
+        client.hset(f"{namespace}:artifact:atlas:m", "data", b"bad bytes!")
+        client.close()
+    with pytest.raises(ArtifactCorrupt, match="atlas:m"):
+        store.get_artifact("atlas:m")
+
+
+def test_artifact_unreachable_store_is_unavailable(tmp_path):
+    from masks.store import StoreUnavailable
+
+    store = RedisMaskStore.from_url("redis://127.0.0.1:1/0", connect_timeout=0.2, retries=0)
+    for call in (lambda: store.get_artifact("a"), lambda: store.artifact_digest("a"),
+                 lambda: store.put_artifact("a", b"x"), lambda: store.delete_artifact("a")):
+        with pytest.raises(StoreUnavailable):
+            call()
+    store.close()
+    local = LocalMaskStore(tmp_path / "gone")  # its database replaced by a directory
+    (tmp_path / "gone" / "masks.sqlite3").unlink()
+    (tmp_path / "gone" / "masks.sqlite3").mkdir()
+    with pytest.raises(StoreUnavailable):
+        local.get_artifact("a")
+    local.close()

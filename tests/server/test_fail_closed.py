@@ -118,6 +118,8 @@ def test_redis_stopped_in_the_middle(guarded, private_redis):
             r = generate(c, prompt="a", **body)      # an unmasked request (the default)
             assert r.status_code == 503, r.text
             assert r.headers["retry-after"]
+        r = c.get("/experts/search", params={"label": "python"})  # the atlas: never "none"
+        assert r.status_code == 503 and r.headers["retry-after"], r.text
         assert c.get("/health").status_code == 200
 
         private_redis.start()  # same port; AOF keeps the profiles

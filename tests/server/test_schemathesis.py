@@ -15,7 +15,8 @@ OPERATIONS = [
     "POST /generate", "GET /v1/models", "POST /v1/completions", "POST /v1/chat/completions",
     "GET /masks", "PUT /masks/{name}", "GET /masks/{name}", "DELETE /masks/{name}",
     "POST /masks/{name}/build", "GET /masks/{name}/report", "GET /jobs/{job_id}",
-    "POST /inspect", "GET /health", "GET /ready", "GET /metrics",
+    "POST /inspect", "GET /experts", "GET /experts/search", "GET /experts/{layer}/{i}/{j}",
+    "POST /experts/build", "GET /health", "GET /ready", "GET /metrics",
     "POST /tokenize", "POST /detokenize", "GET /tokenizer_info",
 ]
 
