@@ -1,17 +1,19 @@
 """MONET as a vLLM model (V1 engine), registered by the `vllm.general_plugins` entry point.
 
-Attention uses vLLM's parallel layers (QKV / row-parallel projections, paged attention, its
-rotary embedding), so tensor parallelism shards the attention heads. The router and the expert
-modules are monet_runtime.model's own, with their projections swapped for vLLM's
-ReplicatedLinear: the same parameters and names, run by vLLM's linear methods (on CPU oneDNN
+The block's math is monet_runtime.model's: its DecoderLayer and layer loop
+(run_decoder_layers), with the router and expert modules' projections swapped for vLLM's
+ReplicatedLinear (the same parameters and names, run by vLLM's linear methods: on CPU oneDNN
 with prepacked weights, 1.5-1.9x torch's F.linear at decode sizes; quantization for the expert
-projections). Under tensor parallelism every rank holds all the expert and router weights
-(replicated, no all-reduce: each rank computes the same MoE output), which keeps the
-factorised mixing over all E experts per side local to one device.
+projections). Attention is vLLM's (QKV / row-parallel projections, paged attention, its rotary
+embedding), so tensor parallelism shards the attention heads; every rank holds all the expert
+and router weights (replicated, no all-reduce: each rank computes the same MoE output), which
+keeps the factorised mixing over all E experts per side local to one device.
 
-Masks: MaskSlots (monet_runtime.vllm_profiles) holds the profile tables [L, P, W] in fixed
-device buffers; each forward reads the attention metadata's query_start_loc from the forward
-context and gives the experts profile_T [T] (the slot of each token's request, -1 unmasked).
+Masks: the model owns a MaskSlots (monet_runtime.vllm_profiles): the profile tables [L, P, W]
+in fixed device buffers and the slot of each batch row, which vLLM's per-row hooks (a logits
+processor, a worker extension) fill. Each forward reads the attention metadata's
+query_start_loc from the forward context and gives the experts profile_T [T] (the slot of
+each token's request, -1 unmasked).
 
 Legend: T flattened tokens of the step, D hidden, H routing heads, E experts per side.
 """
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
-from vllm.config import VllmConfig
+from vllm.config import CacheConfig, VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.model_executor.layers.attention import Attention
@@ -34,18 +36,20 @@ from vllm.model_executor.layers.linear import (
     RowParallelLinear,
 )
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
 
 import kernels
 from monet_runtime.config import MonetConfig
-from monet_runtime.model import HorizontalExperts, RMSNorm, Router, VerticalExperts
+from monet_runtime.model import DecoderLayer, RMSNorm, run_decoder_layers
 from monet_runtime.vllm_keys import DEFAULT_MASK_SLOTS, MASK_SLOTS_KEY
-from monet_runtime.vllm_profiles import MaskSlots, attach
+from monet_runtime.vllm_profiles import MaskSlots
 
 __all__ = ["MonetForCausalLM", "MonetHFConfig", "register"]
 
@@ -94,7 +98,8 @@ def register() -> None:
 class MonetAttention(nn.Module):
     """LLaMA attention on vLLM's layers: heads sharded over tensor-parallel ranks."""
 
-    def __init__(self, config: MonetConfig, *, cache_config, quant_config, prefix: str):
+    def __init__(self, config: MonetConfig, *, cache_config: CacheConfig | None,
+                 quant_config: QuantizationConfig | None, prefix: str):
         super().__init__()
         tp = get_tensor_model_parallel_world_size()
         D, N, K, Dh = (config.hidden_size, config.num_attention_heads,
@@ -104,9 +109,9 @@ class MonetAttention(nn.Module):
         self.q_size = N // tp * Dh
         self.kv_size = max(1, K // tp) * Dh
         self.qkv_proj = QKVParallelLinear(D, Dh, N, K, bias=False, quant_config=quant_config,
-                                          prefix=f"{prefix}.qkv_proj")
+                                          prefix=maybe_prefix(prefix, "qkv_proj"))
         self.o_proj = RowParallelLinear(N * Dh, D, bias=False, quant_config=quant_config,
-                                        prefix=f"{prefix}.o_proj")
+                                        prefix=maybe_prefix(prefix, "o_proj"))
         self.rotary_emb = get_rope(Dh, max_position=config.max_position_embeddings,
                                    is_neox_style=True,  # rotate-half layout
                                    rope_parameters={"rope_type": "default",
@@ -116,9 +121,9 @@ class MonetAttention(nn.Module):
         self.head_dim, self.attn_head_dim = Dh, _attention_head_dim(Dh)
         self.attn = Attention(N // tp, self.attn_head_dim, Dh**-0.5, num_kv_heads=max(1, K // tp),
                               cache_config=cache_config, quant_config=quant_config,
-                              prefix=f"{prefix}.attn")
+                              prefix=maybe_prefix(prefix, "attn"))
 
-    def forward(self, positions_T: torch.Tensor, x_TD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, positions_T: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(x_TD)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = self.rotary_emb(positions_T, q, k)
@@ -136,6 +141,26 @@ class MonetAttention(nn.Module):
         x = x_TX.view(T, -1, self.head_dim)
         return F.pad(x, (0, self.attn_head_dim - self.head_dim)).reshape(T, -1)
 
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """The checkpoint's q_proj, k_proj, v_proj into the shards of the fused qkv_proj."""
+        stacked_params_mapping = [("qkv_proj.", "q_proj.", "q"), ("qkv_proj.", "k_proj.", "k"),
+                                  ("qkv_proj.", "v_proj.", "v")]
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            for param_name, weight_name, shard_id in stacked_params_mapping:
+                if name.startswith(weight_name):
+                    name = name.replace(weight_name, param_name, 1)
+                    params[name].weight_loader(params[name], tensor, shard_id)
+                    break
+            else:
+                if name not in params:
+                    raise ValueError(f"checkpoint tensor {name!r} has no place in MonetAttention")
+                param = params[name]
+                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+            loaded.add(name)
+        return loaded
+
 
 def _attention_head_dim(head_dim: int) -> int:
     """head_dim, or the next width the CPU attention backend supports."""
@@ -149,134 +174,116 @@ def _attention_head_dim(head_dim: int) -> int:
     return head_dim if head_dim in sizes else next(s for s in sizes if s >= head_dim)
 
 
-class MonetDecoderLayer(nn.Module):
-    """h = x + Attn(norm(x)); y = norm(h); out = h + Experts(y, Router(y) or the group's)."""
-
-    def __init__(self, config: MonetConfig, layer: int, *, cache_config, quant_config,
-                 prefix: str):
-        super().__init__()
-        self.layer = layer
-        self.self_attn = MonetAttention(config, cache_config=cache_config,
-                                        quant_config=quant_config, prefix=f"{prefix}.self_attn")
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.moe = _with_vllm_linears(
-            (VerticalExperts if config.vertical else HorizontalExperts)(config),
-            quant_config, f"{prefix}.moe")
-        # The dense path: on the CPU vLLM's linear methods prepack u and v for oneDNN and drop
-        # the plain weights that the sparse path (kernels.sparse) reads in place.
-        self.moe.sparse_max_share = 0.0
-        # The router stays unquantised: its threshold decides which experts run at all.
-        self.router = (_with_vllm_linears(Router(config), None, f"{prefix}.router")
-                       if config.is_routing_layer(layer) else None)
-
-    def forward(self, positions_T, x_TD, routing, mask):
-        h_TD = x_TD + self.self_attn(positions_T, self.input_layernorm(x_TD))
-        y_TD = self.post_attention_layernorm(h_TD)
-        if self.router is not None:  # g1, g2 [T, H, E] float32 and the group's pairs cache
-            routing = (*self.router(y_TD), {})
-        g1, g2, pairs_cache = routing
-        return h_TD + self.moe(y_TD, g1, g2, mask, pairs_cache), routing
+def monet_decoder_layer(config: MonetConfig, layer: int, *, cache_config: CacheConfig | None,
+                        quant_config: QuantizationConfig | None, prefix: str) -> DecoderLayer:
+    """monet_runtime.model's DecoderLayer on vLLM's layers: vLLM's attention, and the experts'
+    and router's projections on ReplicatedLinear (the router unquantised: its threshold decides
+    which experts run at all; its BatchNorm statistics float32, as in the release)."""
+    block = DecoderLayer(config, layer, attention=MonetAttention(
+        config, cache_config=cache_config, quant_config=quant_config,
+        prefix=maybe_prefix(prefix, "self_attn")))
+    _with_vllm_linears(block.moe, quant_config, maybe_prefix(prefix, "moe"))
+    # The dense path: on the CPU vLLM's linear methods prepack u and v for oneDNN and drop
+    # the plain weights that the sparse path (kernels.sparse) reads in place.
+    block.moe.sparse_max_share = 0.0
+    if block.router is not None:
+        _with_vllm_linears(block.router, None, maybe_prefix(prefix, "router"))
+        block.router.norm1.float()
+        block.router.norm2.float()
+    return block
 
 
-def _with_vllm_linears(module: nn.Module, quant_config, prefix: str) -> nn.Module:
-    """module with each nn.Linear child replaced by a ReplicatedLinear of the same shape and
+def _with_vllm_linears(module: nn.Module, quant_config, prefix: str) -> None:
+    """Replace each nn.Linear child of module by a ReplicatedLinear of the same shape and
     parameter names that returns only its output, as nn.Linear does."""
     for name, linear in list(module.named_children()):
         if type(linear) is nn.Linear:
             setattr(module, name, ReplicatedLinear(
                 linear.in_features, linear.out_features, bias=linear.bias is not None,
-                quant_config=quant_config, prefix=f"{prefix}.{name}", return_bias=False))
-    return module
+                quant_config=quant_config, prefix=maybe_prefix(prefix, name),
+                return_bias=False))
 
 
 class MonetModel(nn.Module):
-    def __init__(self, config: MonetConfig, *, cache_config, quant_config, prefix: str):
+    """Embedding, the MONET blocks, the final norm: hidden states [T, D] of the step's tokens."""
+
+    def __init__(self, config: MonetConfig, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                                   prefix=maybe_prefix(prefix, "embed_tokens"))
         self.layers = nn.ModuleList(
-            MonetDecoderLayer(config, l, cache_config=cache_config, quant_config=quant_config,
-                              prefix=f"{prefix}.layers.{l}")
+            monet_decoder_layer(config, l, cache_config=vllm_config.cache_config,
+                                quant_config=vllm_config.quant_config,
+                                prefix=maybe_prefix(prefix, f"layers.{l}"))
             for l in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor | None, positions_T: torch.Tensor,
+                inputs_embeds: torch.Tensor | None = None, *, layer_mask=None,
+                on_routing=None) -> torch.Tensor:
+        """layer_mask, on_routing: as monet_runtime.model.run_decoder_layers."""
+        x_TD = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        x_TD = run_decoder_layers(self.layers, x_TD, positions_T, layer_mask=layer_mask,
+                                  on_routing=on_routing)
+        return self.norm(x_TD)
 
 
 class MonetForCausalLM(nn.Module):
     """vLLM's MonetForCausalLM. Parameter names follow the Hugging Face checkpoints, except
-    q/k/v_proj, which load into the fused qkv_proj."""
+    q/k/v_proj, which load into the fused qkv_proj. `mask_slots` holds the per-request mask
+    state (see the module docstring)."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         hf_config = vllm_config.model_config.hf_config
         self.config = config = hf_config.to_monet_config()
-        quant_config = vllm_config.quant_config
-        self.model = MonetModel(config, cache_config=vllm_config.cache_config,
-                                quant_config=quant_config, prefix=f"{prefix}model" if not prefix
-                                else f"{prefix}.model")
+        self.model = MonetModel(config, vllm_config=vllm_config,
+                                prefix=maybe_prefix(prefix, "model"))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
-                                      quant_config=quant_config, prefix=f"{prefix}lm_head")
+                                      quant_config=vllm_config.quant_config,
+                                      prefix=maybe_prefix(prefix, "lm_head"))
         self.logits_processor = LogitsProcessor(config.vocab_size)
-        for layer in self.model.layers:  # router statistics stay float32 (the router's dtype)
-            if layer.router is not None:
-                for norm in (layer.router.norm1, layer.router.norm2):
-                    norm.float()
         device = self.lm_head.weight.device
         self.mask_slots = MaskSlots(
-            num_layers=config.num_hidden_layers, num_experts=config.moe_experts,
+            vllm_config, num_layers=config.num_hidden_layers, num_experts=config.moe_experts,
             num_slots=int(getattr(hf_config, MASK_SLOTS_KEY, DEFAULT_MASK_SLOTS)),
-            max_rows=vllm_config.scheduler_config.max_num_seqs, device=device)
-        attach(self.mask_slots)
+            device=device, prefix=maybe_prefix(prefix, "mask_slots"))
         kernels.prepare_mixing(device, vllm_config.model_config.dtype)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(input_ids)
-
-    def _query_start_loc(self) -> torch.Tensor | None:
-        if not is_forward_context_available():
-            return None
-        metadata = get_forward_context().attn_metadata
-        if not isinstance(metadata, dict) or not metadata:
-            return None  # profiling / dummy runs: no requests
-        return next(iter(metadata.values())).query_start_loc
+        return self.model.embed_input_ids(input_ids)
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors=None, inputs_embeds: torch.Tensor | None = None,
                 **kwargs) -> torch.Tensor:
-        x_TD = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        T = x_TD.shape[0]
-        slots = self.mask_slots
-        qsl = self._query_start_loc()
+        slots, qsl = self.mask_slots, _query_start_loc()
+        T = positions.shape[0]
         # On CPU (eager) skip the mask path when no row is masked; on CUDA graphs the same
         # tensors are always passed and the Triton kernels read profile_T without a host sync.
-        masked = qsl is not None and (slots.any_masked or x_TD.is_cuda)
+        masked = qsl is not None and (slots.any_masked or positions.is_cuda)
         profile_T = slots.token_profiles(qsl, T) if masked else None
         capture = qsl is not None and bool(slots.row_capture)
-        routing = None
-        for layer in self.model.layers:
-            mask = (slots.tables_LPW[layer.layer], profile_T) if masked else None
-            x_TD, routing = layer(positions, x_TD, routing, mask)
-            if capture and layer.router is not None:
-                slots.record_routing(layer.layer, *routing[:2], qsl)
-        return self.model.norm(x_TD)
+        return self.model(
+            input_ids, positions, inputs_embeds,
+            layer_mask=(lambda l: (slots.tables_LPW[l], profile_T)) if masked else None,
+            on_routing=(lambda l, g1, g2: slots.record_routing(l, g1, g2, qsl)) if capture
+            else None)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
-        buffers = dict(self.named_buffers())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            shard = next((s for s in ("q", "k", "v") if f".{s}_proj." in name), None)
-            if shard is not None:
-                name = name.replace(f".{shard}_proj.", ".qkv_proj.")
-                params[name].weight_loader(params[name], tensor, shard)
-            elif name in params:
-                param = params[name]
-                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
-            elif name in buffers:  # router BatchNorm statistics and counters
-                buffers[name].copy_(tensor.to(buffers[name].dtype))
-            else:
-                raise KeyError(f"checkpoint tensor {name} has no place in MonetForCausalLM")
-            loaded.add(name)
-        return loaded
+        return AutoWeightsLoader(self).load_weights(weights)
+
+
+def _query_start_loc() -> torch.Tensor | None:
+    """The step's query_start_loc [R+1] (device), None outside a forward with requests."""
+    if not is_forward_context_available():
+        return None
+    metadata = get_forward_context().attn_metadata
+    if not isinstance(metadata, dict) or not metadata:
+        return None  # profiling / dummy runs: no requests
+    return next(iter(metadata.values())).query_start_loc

@@ -9,6 +9,12 @@ one of P preallocated device slots, copying its table in if it is not there (LRU
 unpinned slots). The model then maps each flattened token to its row through the attention
 metadata's query_start_loc and to the row's slot: profile_T [T], -1 for unmasked rows.
 
+The model owns its MaskSlots (MonetForCausalLM.mask_slots); no module-level state. The worker
+extension reaches them through the model runner (Worker.get_model()). The logits processor is
+built before the model and given only the VllmConfig, so the slots also register in vLLM's
+static forward context under their module path, as vLLM's attention layers register there for
+their KV caches, and the logits processor looks them up in it (`find_mask_slots`).
+
 Shapes: L layers, P slots, W = ceil(E*E/32) bitset words, R batch rows, T tokens.
 """
 
@@ -18,19 +24,14 @@ from collections import Counter, OrderedDict
 from typing import Any
 
 import torch
+from vllm.config import VllmConfig, get_layers_from_vllm_config
 from vllm.v1.sample.logits_processor import LogitsProcessor, MoveDirectionality
 
 from kernels import bitset_words
 from monet_runtime.expert_mask import ExpertMask
 from monet_runtime.vllm_keys import CAPTURE_KEY, MASK_KEY
 
-__all__ = ["MaskSlots", "MaskProfileRows", "MonetWorkerExtension", "current_slots"]
-
-_SLOTS: MaskSlots | None = None  # the MONET model of this worker process, when there is one
-
-
-def current_slots() -> MaskSlots | None:
-    return _SLOTS
+__all__ = ["MaskSlots", "MaskProfileRows", "MonetWorkerExtension", "find_mask_slots"]
 
 
 class MaskSlots:
@@ -40,9 +41,10 @@ class MaskSlots:
     captured CUDA graph or a compiled forward keeps working as profiles come and go.
     """
 
-    def __init__(self, *, num_layers: int, num_experts: int, num_slots: int, max_rows: int,
-                 device: torch.device):
+    def __init__(self, vllm_config: VllmConfig, *, num_layers: int, num_experts: int,
+                 num_slots: int, device: torch.device, prefix: str):
         L, W = num_layers, bitset_words(num_experts)
+        max_rows = vllm_config.scheduler_config.max_num_seqs
         self.num_layers, self.num_experts, self.num_slots = L, num_experts, num_slots
         self.tables_LPW = torch.zeros(L, num_slots, W, dtype=torch.int32, device=device)
         pin = device.type == "cuda"
@@ -56,6 +58,10 @@ class MaskSlots:
         self.row_capture: dict[int, str] = {}
         self.captures: dict[str, dict[int, list]] = {}
         self.loads = 0  # slot fills, for tests and metrics
+        forward_context = vllm_config.compilation_config.static_forward_context
+        if prefix in forward_context:
+            raise ValueError(f"Duplicate layer name: {prefix}")
+        forward_context[prefix] = self
 
     # ---- profile contents (host) -----------------------------------------------------------
     def install(self, key: str, data: bytes) -> None:
@@ -168,9 +174,12 @@ class MaskSlots:
                 for layer, chunks in parts.items()}
 
 
-def attach(slots: MaskSlots | None) -> None:
-    global _SLOTS
-    _SLOTS = slots
+def find_mask_slots(vllm_config: VllmConfig) -> MaskSlots | None:
+    """The MaskSlots of the MONET model this worker loaded with vllm_config, if it has one."""
+    found = get_layers_from_vllm_config(vllm_config, MaskSlots)
+    if len(found) > 1:
+        raise RuntimeError(f"more than one MONET model in this worker: {sorted(found)}")
+    return next(iter(found.values()), None)
 
 
 class MaskProfileRows(LogitsProcessor):
@@ -181,8 +190,8 @@ class MaskProfileRows(LogitsProcessor):
     query_start_loc uses.
     """
 
-    def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool):
-        pass
+    def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool):
+        self.vllm_config = vllm_config  # the model's too: its MaskSlots register in it
 
     @classmethod
     def validate_params(cls, params) -> None:
@@ -198,28 +207,40 @@ class MaskProfileRows(LogitsProcessor):
         return logits
 
     def update_state(self, batch_update) -> None:
-        if _SLOTS is not None:
-            _SLOTS.update(batch_update)
+        if batch_update is None:
+            return
+        slots = find_mask_slots(self.vllm_config)  # looked up again: a reload replaces them
+        if slots is not None:
+            slots.update(batch_update)
+        elif any((params.extra_args or {}).get(MASK_KEY)
+                 for _, params, _, _ in batch_update.added if params is not None):
+            raise RuntimeError("a request asks for a MONET mask profile, but this worker's "
+                               "model has no mask slots (not MonetForCausalLM)")
 
 
 class MonetWorkerExtension:
     """Methods added to vLLM's Worker (parallel_config.worker_extension_cls), for collective_rpc."""
 
+    def _monet_mask_slots(self) -> MaskSlots:
+        slots = getattr(self.get_model(), "mask_slots", None)
+        if not isinstance(slots, MaskSlots):
+            raise RuntimeError("this worker holds no MONET model")
+        return slots
+
     def monet_install_profile(self, key: str, data: bytes) -> None:
-        slots = _require_slots()
-        slots.install(key, data)
+        self._monet_mask_slots().install(key, data)
 
     def monet_drop_profile(self, key: str) -> None:
-        _require_slots().drop(key)
+        self._monet_mask_slots().drop(key)
 
     def monet_take_routing(self, key: str) -> dict[int, list]:
         """{routing layer: [shape [T, H, E], g1 bytes, g2 bytes]} (float32; plain msgpack)."""
-        out = _require_slots().take_routing(key)
+        out = self._monet_mask_slots().take_routing(key)
         return {layer: [list(g1.shape), g1.numpy().tobytes(), g2.numpy().tobytes()]
                 for layer, (g1, g2) in out.items()}
 
     def monet_slot_state(self) -> dict[str, Any]:
-        slots = _require_slots()
+        slots = self._monet_mask_slots()
         return {"resident": list(slots.slot_of), "pins": list(slots.pins),
                 "installed": sorted(slots.profiles), "loads": slots.loads}
 
@@ -227,8 +248,16 @@ class MonetWorkerExtension:
         """{class name: count} over the loaded model's modules: which implementations run."""
         return dict(Counter(type(m).__name__ for m in self.get_model().modules()))
 
+    def monet_layer_names(self) -> dict[str, Any]:
+        """The names vLLM knows the loaded model's layers by: {"prefixes": {module path: its
+        prefix (linear layers, embeddings) or layer_name (attention)}, "forward_context": the
+        static forward context's keys}. Quantization configs pick layers by these prefixes."""
+        prefixes = {}
+        for path, module in self.get_model().named_modules():
+            name = getattr(module, "prefix", getattr(module, "layer_name", None))
+            if isinstance(name, str):
+                prefixes[path] = name
+        return {"prefixes": prefixes,
+                "forward_context": sorted(self.vllm_config.compilation_config
+                                          .static_forward_context)}
 
-def _require_slots() -> MaskSlots:
-    if _SLOTS is None:
-        raise RuntimeError("this worker holds no MONET model")
-    return _SLOTS

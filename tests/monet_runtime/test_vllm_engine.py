@@ -97,6 +97,21 @@ def test_router_and_expert_projections_run_on_vllm_linear_layers(served):
     assert types["ReplicatedLinear"] == per_layer * c.num_hidden_layers + 2 * routers
 
 
+def test_vllm_layers_are_named_by_their_module_paths(served):
+    """vLLM names each layer by its prefix (quantization configs choose layers by it; the static
+    forward context keys the attention layers and the mask slots by it): the module's path."""
+    engine, model, loop = served
+    (names,) = run(loop, engine._llm.collective_rpc("monet_layer_names"))[0]
+    prefixes, L = names["prefixes"], model.config.num_hidden_layers
+    u = "u1" if model.config.vertical else "u"
+    last = f"model.layers.{L - 1}"
+    assert {"model.embed_tokens", "lm_head", "model.layers.0.router.w1",
+            f"{last}.self_attn.attn", f"{last}.moe.{u}"} <= set(prefixes)
+    assert {path: path for path in prefixes} == prefixes
+    assert names["forward_context"] == sorted(
+        ["mask_slots", *(f"model.layers.{l}.self_attn.attn" for l in range(L))])
+
+
 @pytest.mark.skipif(tcmalloc_library() is None,
                     reason="tcmalloc is not installed (scripts/setup.sh installs it)")
 def test_the_engine_core_runs_on_tcmalloc(served):
