@@ -46,7 +46,7 @@ from monet_runtime.serving import (
     check_prompt,
     invalid_request,
 )
-from monet_runtime.vllm_keys import CAPTURE_KEY, MASK_KEY
+from monet_runtime.vllm_keys import CAPTURE_KEY, MASK_KEY, MASK_SLOTS_KEY
 
 __all__ = ["DEFAULT_CPU_KV_CACHE_BYTES", "EngineOutput", "VllmEngine", "tcmalloc_library",
            "vllm_sampling"]
@@ -184,7 +184,7 @@ class VllmEngine:
             max_num_seqs=max_num_seqs, max_model_len=max_model_len,
             tensor_parallel_size=tensor_parallel_size, enforce_eager=not compiled,
             enable_prefix_caching=enable_prefix_caching,
-            hf_overrides={"monet_mask_slots": mask_slots},
+            hf_overrides={MASK_SLOTS_KEY: mask_slots},
             logits_processors=["monet_runtime.vllm_profiles:MaskProfileRows"],
             worker_extension_cls="monet_runtime.vllm_profiles.MonetWorkerExtension",
             kv_cache_memory_bytes=kv_cache_bytes,
