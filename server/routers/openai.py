@@ -1,5 +1,6 @@
 """The OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions
-(the checkpoint's chat template).
+(the checkpoint's chat template), with scores (logprobs, echo, max_tokens 0) and several
+choices (n, prompt lists): server/choices.py runs and answers them.
 
 Mask profiles are models, as vLLM serves LoRA adapters: /v1/models lists the served model and
 every stored profile built for it (`parent` = the served model), and `model` may name a profile
