@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MONET=(${MONET:-.venv/bin/monet})
 MODEL=monet_runtime/default_model
-SAMPLES=${SAMPLES:-3} PROMPTS=${PROMPTS:-6} TOKENS=${TOKENS:-48}
+SAMPLES=${SAMPLES:-5} PROMPTS=${PROMPTS:-10} TOKENS=${TOKENS:-64}  # monet masks eval's defaults
 [ -f runs/corpus/train.jsonl ] || "${MONET[@]}" corpus build runs/corpus --max-chars 150000 >/dev/null
 [ -f runs/no-python.json ] || "${MONET[@]}" masks build language runs/corpus/train.jsonl \
     --model "$MODEL" --target python --name no-python --out runs/no-python.json
