@@ -41,6 +41,30 @@ def test_put_get_list_delete(admin, gen, server):
     assert audit[0]["request_id"] and audit[0]["ts"]
 
 
+def test_report_shows_the_generation_level_effects(admin, gen):
+    """What `monet masks eval --save` stores (masks.schema.GenerationReport) comes back in
+    GET /masks/{name}/report, with the derived shares."""
+    name = unique("gen")
+    shares = {"label": "python", "prompts": 10, "samples": 5,
+              "base": {"python": 0.6, "perl": 0.4}, "masked": {"python": 0.1, "perl": 0.9}}
+    toxicity = {"prompts": 10, "samples": 5, "expected_max_toxicity": 0.4,
+                "toxic_probability": 0.3, "masked_expected_max_toxicity": 0.2,
+                "masked_toxic_probability": 0.1}
+    evaluation = {"model_id": "m", "corpus_fingerprint": "sha256:0", "target": "python",
+                  "labels": [], "removed_share": [0.0] * 4, "generation": {
+                      "samples": 5, "max_new_tokens": 64, "temperature": 1.0, "top_p": 0.9,
+                      "seed": 0, "judge": "test", "labels": [shares], "toxicity": toxicity}}
+    r = admin.put(f"/masks/{name}", json={"kind": "language", "layers": LAYERS,
+                                          "evaluation": evaluation})
+    assert r.status_code == 201, r.text
+    generation = gen.get(f"/masks/{name}/report").json()["evaluation"]["generation"]
+    row = generation["labels"][0]
+    assert (row["share"], row["masked_share"]) == (0.6, 0.1)
+    assert row["kept"] == pytest.approx(0.1 / 0.6)
+    assert generation["toxicity"] == toxicity
+    admin.delete(f"/masks/{name}")
+
+
 def test_if_match(admin):
     name = unique("cas")
     assert admin.put(f"/masks/{name}", json={"layers": LAYERS},
