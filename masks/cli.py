@@ -29,10 +29,6 @@ if TYPE_CHECKING:
 __all__ = ["masks_app"]
 
 DEFAULT_STORE = Path("~/.local/share/monet/masks").expanduser()
-# On the shipped model only the learned masks move generations off a language (Python's
-# paper-criterion mask raises its loss by 0.01-0.04 nats and leaves the model writing Python;
-# docs/language-generation.md); for domains the paper's criterion stays the default.
-DEFAULT_CRITERION = {"language": "learned", "domain": "specificity"}
 
 masks_app = typer.Typer(help="Build, evaluate and manage expert mask profiles.",
                         no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -136,6 +132,8 @@ def build(
     floor: Annotated[float, typer.Option(help="min mean weight, x uniform H/E^2")] = 0.1,
     min_mass: Annotated[float, typer.Option(help="min total weight on the target")] = 1.0,
     coverage: Annotated[float | None, typer.Option(help="share of the target's mass")] = None,
+    steps: Annotated[int, typer.Option(
+        min=1, help="learned: optimisation steps (fewer: faster, a weaker mask)")] = 120,
     threshold: Annotated[float, typer.Option(help="toxicity: Pearson r above which")] = 0.1,
     score_field: Annotated[str, typer.Option(help="toxicity score field")] = "toxicity",
     scorer: Annotated[str | None, typer.Option(help="toxicity scorer module:function")] = None,
@@ -169,11 +167,13 @@ def build(
             options = dict(name=name, description=description, layers=_layers(layers))
             route = dict(text_field=text_field, batch_tokens=batch_tokens, max_length=max_length)
             if kind in ("domain", "language"):
+                from masks.criteria import DEFAULT_CRITERION
+
                 criterion = criterion or DEFAULT_CRITERION[kind]
                 profiles = _build_labelled(
                     loaded, source, kind, target, stats, options, route | dict(
                         label_field=label_field), criterion, factor=factor, floor=floor,
-                    min_mass=min_mass, coverage=coverage)
+                    min_mass=min_mass, coverage=coverage, steps=steps)
             elif kind == "toxicity":
                 profiles = [_build_toxicity(loaded, source, stats, options, route, threshold,
                                             score_field, _scorer(scorer))]
@@ -190,7 +190,7 @@ def build(
 
 
 def _build_labelled(model, source, kind, target, stats_path, options, route, criterion, *,
-                    factor, floor, min_mass, coverage):
+                    factor, floor, min_mass, coverage, steps):
     from masks import builders
     from masks.corpus import corpus_fingerprint, read_corpus
     from masks.schema import slug
@@ -203,8 +203,8 @@ def _build_labelled(model, source, kind, target, stats_path, options, route, cri
             {r.label for r in read_corpus(source, **fields) if r.label is not None})
         _check_name(name, targets)
         return [builders.learned_profile(
-            model, source, t, name=slug(name.replace("{label}", t)), kind=kind, **fields,
-            **options) for t in targets]
+            model, source, t, name=slug(name.replace("{label}", t)), kind=kind, steps=steps,
+            **fields, **options) for t in targets]
     quantity = builders.STATISTICS_CRITERIA.get(criterion)
     if quantity is None:
         raise ValueError("--criterion must be specificity, attribution or learned, "

@@ -13,7 +13,14 @@ from __future__ import annotations
 
 import numpy as np
 
+# The builders' default criterion per profile kind. On the shipped model only the learned
+# masks move generations off a language (Python's paper-criterion mask raises its loss by
+# 0.01-0.04 nats and leaves the model writing Python; docs/language-generation.md); for
+# domains the paper's criterion stays the default.
+DEFAULT_CRITERION = {"language": "learned", "domain": "specificity"}
+
 __all__ = [
+    "DEFAULT_CRITERION",
     "correlated_experts",
     "pearson_from_sums",
     "specific_experts",

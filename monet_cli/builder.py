@@ -60,7 +60,8 @@ class RuntimeProfileBuilder:
         elif spec.criterion == "learned":  # read first, then optimised on in 256-token windows
             share = counted.share
             profile = builders.learned_profile(
-                model, records, spec.target, name=name, kind=spec.kind, layers=spec.layers,
+                model, records, spec.target, name=name, kind=spec.kind, steps=spec.steps,
+                layers=spec.layers,
                 description=spec.description, created_by=created_by, fingerprint=fingerprint,
                 progress=False,
                 on_step=lambda n, steps: progress(share * n / steps, f"step {n}/{steps}"))

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from masks.criteria import DEFAULT_CRITERION
 from server.schemas.common import Strict, TokenId
 
 __all__ = ["AtlasBuilt", "BuildRequest", "CorpusRecord", "InspectRequest", "InspectResponse",
@@ -117,12 +118,15 @@ class BuildRequest(Strict):
                                max_length=512)
     target: str | None = Field(None, max_length=128, description="domain / language: the label "
                                "whose experts are removed.")
-    criterion: Literal["specificity", "attribution", "learned"] = Field(
-        "specificity", description="domain / language: 'specificity' (the paper: routing "
+    criterion: Literal["specificity", "attribution", "learned"] | None = Field(
+        None, description="domain / language: 'specificity' (the paper: routing "
         "weight on the target against the other labels), 'attribution' (first-order loss "
         "increase on the target against the others; set coverage, e.g. 0.3) or 'learned' "
         "(keep-gates optimised to raise the target's loss and no other label's; factor and "
-        "coverage do not apply).")
+        "coverage do not apply). Default: learned for language (the one that moves "
+        "generations off a language on the shipped model), specificity for domain, as "
+        "`monet masks build`.")
+    steps: int = Field(120, ge=1, le=10_000, description="learned: optimisation steps.")
     factor: float | None = Field(2.0, gt=1, le=1000)
     floor: float = Field(0.1, ge=0, le=1000)
     min_mass: float = Field(1.0, ge=0, le=1e9)
@@ -144,8 +148,11 @@ class BuildRequest(Strict):
                 raise ValueError("parts: a composite build needs the profiles to combine")
         elif (self.records is None) == (self.corpus is None):
             raise ValueError("give exactly one of 'records' and 'corpus'")
-        if self.kind in ("domain", "language") and not self.target:
-            raise ValueError(f"target: a {self.kind} build needs the target label")
+        if self.kind in ("domain", "language"):
+            if not self.target:
+                raise ValueError(f"target: a {self.kind} build needs the target label")
+            if self.criterion is None:
+                self.criterion = DEFAULT_CRITERION[self.kind]
         return self
 
 

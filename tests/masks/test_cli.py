@@ -135,9 +135,10 @@ def test_build_by_attribution(tmp_path, corpus, tiny_checkpoint):
 
 def test_build_learned_one_per_label(tmp_path, corpus, tiny_checkpoint):
     invoke("build", "domain", corpus, "--model", tiny_checkpoint, "--criterion", "learned",
-           "--store", tmp_path / "store", "--push")
+           "--steps", "40", "--store", tmp_path / "store", "--push")
     listed = invoke("list", "--store", tmp_path / "store").output
     assert all(f"no-{label}" in listed for label in ("abc", "num", "xyz"))
     profile = json.loads(invoke("show", "no-abc", "--json", "--store", tmp_path / "store").output)
     assert profile["provenance"]["criterion"] == "learned"
+    assert profile["provenance"]["thresholds"]["steps"] == 40
     assert profile["provenance"]["target"] == "abc"

@@ -47,8 +47,8 @@ def no_perl(default_server, tmp_path_factory):
     r = subprocess.run([sys.executable, "-m", "monet_cli.main", "masks", "build", "language",
                         str(corpus / "train.jsonl"), "--model",
                         str(ROOT / "monet_runtime" / "default_model"), "--target", "perl",
-                        "--name", "no-perl", "--push"], env=env, cwd=ROOT, capture_output=True,
-                       text=True, timeout=600)
+                        "--name", "no-perl", "--criterion", "specificity", "--push"],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     return "no-perl"
 

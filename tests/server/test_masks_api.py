@@ -188,6 +188,23 @@ def test_build_by_loss(admin, gen, criterion):
     assert r.status_code == 422 and r.json()["error"]["param"] == "criterion"
 
 
+def test_build_default_criterion_follows_the_kind(admin, gen):
+    """As `monet masks build`: a language mask is learned (here for 3 steps), a domain mask
+    by the paper's specificity."""
+    records = code_and_prose(20, seed=2)
+    for kind, criterion in (("language", "learned"), ("domain", "specificity")):
+        name = unique(kind)
+        r = admin.post(f"/masks/{name}/build", json={
+            "kind": kind, "target": "code", "records": records, "steps": 3, "factor": 1.5,
+            "min_mass": 0})
+        assert r.status_code == 202, r.text
+        assert wait_for(r.json(), gen)["status"] == "succeeded"
+        provenance = gen.get(f"/masks/{name}/report").json()["provenance"]
+        assert provenance["criterion"] == criterion, provenance
+        if criterion == "learned":
+            assert provenance["thresholds"]["steps"] == 3
+
+
 def test_build_errors(admin, gen):
     r = admin.post(f"/masks/{unique()}/build", json={"kind": "domain", "records": [{"text": "a"}]})
     assert r.status_code == 422 and "target" in r.json()["error"]["message"]
