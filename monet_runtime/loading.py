@@ -1,19 +1,20 @@
 """Load a MONET checkpoint: a Hugging Face directory with config.json and safetensors weights.
 
-The model is built on the meta device and each tensor is read once from the memory-mapped
-file, converted to the requested dtype and assigned: peak memory is about the model's size.
+The model is built on the meta device and each tensor is read once, with plain file reads
+straight into memory the model owns, converted to the requested dtype and assigned: peak memory
+is the model's size plus one tensor. (A memory-mapped tensor counts twice once the model
+repacks it: its file pages stay resident beside the packed copy the sparse path reads.)
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from monet_runtime.config import ConfigError, MonetConfig
 from monet_runtime.model import MonetForCausalLM
@@ -46,8 +47,7 @@ def _weight_files(path: Path) -> dict[str, Path]:
                 raise CheckpointError(f"{index} names a missing shard {shard.name}")
         return files
     if single.exists():
-        with safe_open(single, framework="pt") as f:
-            return {name: single for name in f.keys()}
+        return {name: single for name in _shapes(single)}
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
 
 
@@ -65,9 +65,7 @@ def checkpoint_identity(path: str | Path) -> str:
     files = _weight_files(Path(path))
     shapes = {}
     for file in set(files.values()):
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                shapes[name] = tuple(f.get_slice(name).get_shape())
+        shapes.update(_shapes(file))
     return model_identity(MonetConfig.from_file(path), shapes)
 
 
@@ -75,11 +73,73 @@ def _expected_tensors(model: MonetForCausalLM) -> dict[str, torch.Tensor]:
     return dict(model.state_dict(keep_vars=True))
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16,
+           "F16": torch.float16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _header(file: Path, f) -> tuple[int, dict]:
+    """(offset of the data, {name: entry}) of an open safetensors file, checked."""
+    size = file.stat().st_size
+    raw = f.read(8)
+    if len(raw) < 8:
+        raise CheckpointError(f"{file} is not a safetensors file (truncated)")
+    (n,) = struct.unpack("<Q", raw)
+    if n > min(size - 8, 100 << 20):
+        raise CheckpointError(f"{file} is not a safetensors file (header of {n} bytes)")
+    try:
+        header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: safetensors header is corrupt: {e}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: safetensors header is not an object")
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
+def _shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    with open(file, "rb") as f:
+        _, header = _header(file, f)
+    try:
+        return {name: tuple(int(d) for d in entry["shape"]) for name, entry in header.items()}
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: bad safetensors header entry ({e!r})") from None
+
+
+def _read(file: Path, f, start: int, name: str, entry) -> torch.Tensor:
+    """One tensor read into a new CPU tensor (no memory map), its extent checked."""
+    try:
+        dtype = _DTYPES[entry["dtype"]]
+        shape = [int(d) for d in entry["shape"]]
+        begin, end = (int(o) for o in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: tensor {name} has a bad header entry ({e!r})") from None
+    tensor = torch.empty(shape, dtype=dtype)
+    nbytes = tensor.numel() * tensor.element_size()
+    if end - begin != nbytes or begin < 0 or start + end > file.stat().st_size:
+        raise CheckpointError(f"{file}: tensor {name} has {end - begin} bytes at {begin}, its "
+                              f"shape {shape} and dtype need {nbytes} inside the file")
+    f.seek(start + begin)
+    if nbytes and f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != nbytes:
+        raise CheckpointError(f"{file}: tensor {name} is truncated")
+    return tensor
+
+
 def _iter_tensors(files: dict[str, Path], names) -> Iterator[tuple[str, torch.Tensor]]:
-    with ExitStack() as stack:
-        handles = {f: stack.enter_context(safe_open(f, framework="pt")) for f in set(files.values())}
-        for name in names:
-            yield name, handles[files[name]].get_tensor(name)
+    """(name, tensor) in file order within each file, each read once."""
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    for file, wanted in by_file.items():
+        with open(file, "rb", buffering=0) as f:
+            start, header = _header(file, f)
+            missing = [n for n in wanted if n not in header]
+            if missing:
+                raise CheckpointError(f"{file} lacks tensors its index names: {missing[:10]}")
+            wanted.sort(key=lambda n: header[n].get("data_offsets", [0])[0]
+                        if isinstance(header[n], dict) else 0)
+            for name in wanted:
+                yield name, _read(file, f, start, name, header[name])
 
 
 def load_model(
