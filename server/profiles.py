@@ -165,7 +165,7 @@ class ProfileAdmin:
               who=who.name, kind=stored.kind, size=stored.size, digest=stored.digest,
               **self._experts_changed(previous, stored))
         return WriteResult(name=stored.name, version=stored.version, previous_version=previous,
-                           size=stored.size, model_id=stored.model_id)
+                           size=stored.size, model_id=stored.model_id, digest=stored.digest)
 
     def _experts_changed(self, previous: int, new: MaskProfile) -> dict[str, int]:
         """Against the version the write replaced (kept in the store: versions are

@@ -93,6 +93,9 @@ class WriteResult(BaseModel):
     previous_version: int = 0
     size: int = Field(description="Composite experts removed over all layers.")
     model_id: str
+    digest: str = Field(description="The mask's contents (what a response's mask_profiles "
+                                    "names): the same name@version may come back with other "
+                                    "contents after a store lost its data.")
 
 
 class DeleteResult(BaseModel):

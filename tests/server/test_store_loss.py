@@ -151,7 +151,10 @@ def test_redis_restored_from_an_older_snapshot(on_redis, rdb_redis, answers, fix
           f"the new mask in {took_kept:.2f} s")
 
 
-def test_local_store_wiped_under_two_servers(on_local, answers, fixture_mask):
+@pytest.mark.parametrize("pause", [0.0, 0.1, 0.3])
+def test_local_store_wiped_under_two_servers(on_local, answers, fixture_mask, pause):
+    """Wiped, then re-created `pause` seconds later (before, around and after the other
+    server's watch polls the empty directory, every 0.2 s)."""
     root, (a, b) = on_local
     name = unique("wiped")
     with client(a, ADMIN_KEY) as ca, client(b, ADMIN_KEY) as cb:
@@ -159,14 +162,20 @@ def test_local_store_wiped_under_two_servers(on_local, answers, fixture_mask):
         for c in (ca, cb):
             assert tokens(c, answers, name) == answers["unmasked"]
         shutil.rmtree(root)
+        time.sleep(pause)
         r = ca.put(f"/masks/{name}", json={"layers": fixture_mask["layers"]})
         assert r.status_code == 201 and r.json()["version"] == 1, r.text
-        for c in (cb, ca):  # the other server first: its watch has not polled yet
+        digest = r.json()["digest"]
+        for c in (cb, ca):  # the other server first: its watch may not have polled yet
             r, took = first(c, answers, name)
-            assert r.status_code == 200 and r.json()["token_ids"] == answers["masked"], r.text
+            assert r.status_code == 200, r.text
+            assert r.json()["mask_profiles"][0]["digest"] == digest, r.text
+            assert r.json()["token_ids"] == answers["masked"], (
+                f"{'b' if c is cb else 'a'} answered unmasked={r.json()['token_ids'] == answers['unmasked']}"
+                f" under {r.text}; a has {ca.get(f'/masks/{name}').text[:300]}")
             assert r.headers["x-monet-mask-profiles"] == f"{name}@1"
-    print(f"local store wiped: the first request on each server got the new mask "
-          f"(the last in {took:.2f} s)")
+    print(f"local store wiped ({pause} s before the write): the first request on each server "
+          f"got the new mask (the last in {took:.2f} s)")
 
 
 @pytest.mark.parametrize("pair", ["redis", "local"])
