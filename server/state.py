@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -176,6 +177,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.tasks += [asyncio.create_task(state._start_watch()),
                     asyncio.create_task(state._refresh_versions())]
     s = state.settings
+    # What exists now (the model's, torch's and vLLM's objects) lives as long as the process:
+    # frozen, full collections no longer walk it. Measured on the atlas text search: a ~250 ms
+    # stall every ~18 requests without (p99 391 ms), p99 39 ms with.
+    gc.collect()
+    gc.freeze()
     log_event("monet.server", "ready to serve", model=state.engine.model_name,
               identity=state.engine.model_identity, store=repr(state.store),
               default_profile=s.default_profile, auth=state.keys.enabled)
