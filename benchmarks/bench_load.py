@@ -52,7 +52,7 @@ class Stats:
 
 
 async def client_loop(http: httpx.AsyncClient, body: dict, deadline: float, stats: Stats):
-    while time.perf_counter() < deadline:
+    while time.perf_counter() < deadline and not RUN_STOP.is_set():
         start = time.perf_counter()
         first, tokens, done = None, 0, False
         try:
@@ -84,6 +84,9 @@ async def client_loop(http: httpx.AsyncClient, body: dict, deadline: float, stat
         stats.tokens += tokens
 
 
+RUN_STOP = asyncio.Event()  # ends run() early (during_builds: when the build is done)
+
+
 async def run(url: str, key: str | None, *, clients: int, duration: float, max_tokens: int,
               profiles: list[str | None]) -> tuple[Stats, float]:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -103,7 +106,8 @@ async def run(url: str, key: str | None, *, clients: int, duration: float, max_t
     return stats, wall
 
 
-def start_server(model: Path, clients: int, tmp: Path) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, clients: int, tmp: Path,
+                 engine: str = "runtime") -> tuple[subprocess.Popen, str]:
     import socket
 
     with socket.socket() as s:
@@ -115,7 +119,7 @@ def start_server(model: Path, clients: int, tmp: Path) -> tuple[subprocess.Popen
     log = (tmp / "server.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "monet_cli.main", "serve", "--model",
                              str(model), "--port", str(port), "--store-dir", str(tmp / "masks"),
-                             "--engine", "runtime"], stdout=log, stderr=subprocess.STDOUT,
+                             "--engine", engine], stdout=log, stderr=subprocess.STDOUT,
                             env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -151,6 +155,48 @@ def make_profiles(url: str, key: str | None, count: int) -> list[str | None]:
     return names
 
 
+def build_records(count: int, seed: int = 0) -> list[dict]:
+    """Labelled texts for a mask build (two labels of random words), ~100 tokens each."""
+    import random
+
+    rng = random.Random(seed)
+    words = {"a": ["alpha", "beta", "gamma", "delta"], "b": ["red", "green", "blue", "cyan"]}
+    return [{"text": " ".join(rng.choice(words[label]) for _ in range(40)), "label": label}
+            for label in ("a", "b") for _ in range(count // 2)]
+
+
+async def during_builds(url: str, key: str | None, args, profiles) -> int:
+    """Serving throughput alone and while a mask build job runs in the same server,
+    interleaved (alone, build, alone, build, ...); each build phase lasts as long as its job."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    body = {"kind": "domain", "criterion": "specificity", "target": "a",
+            "records": build_records(args.build_records), "max_length": 512}
+    alone, built = [], []
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120) as http:
+        for rep in range(args.repeat):
+            stats, wall = await run(url, key, clients=args.clients, duration=args.duration,
+                                    max_tokens=args.max_tokens, profiles=profiles)
+            alone.append(stats.tokens / wall)
+            r = await http.post(f"/masks/bench-build-{rep}/build", json=body)
+            r.raise_for_status()
+            job = r.json()["id"]
+            start = time.perf_counter()
+            task = asyncio.create_task(run(url, key, clients=args.clients, duration=3600,
+                                           max_tokens=args.max_tokens, profiles=profiles))
+            while (await http.get(f"/jobs/{job}")).json()["status"] in ("queued", "running"):
+                await asyncio.sleep(0.2)
+            took = time.perf_counter() - start
+            RUN_STOP.set()
+            stats, wall = await task
+            RUN_STOP.clear()
+            built.append(stats.tokens / wall)
+            print(f"round {rep + 1}: alone {alone[-1]:.0f} tok/s; during a {took:.1f} s build "
+                  f"{built[-1]:.0f} tok/s ({built[-1] / alone[-1]:.2f}x)", flush=True)
+    a, b = statistics.median(alone), statistics.median(built)
+    print(f"median: alone {a:.0f} tok/s, during a build {b:.0f} tok/s: {b / a:.2f}x")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--url", help="a running server (default: start one)")
@@ -160,15 +206,24 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=20.0, help="seconds")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--profiles", type=int, default=3, help="mask profiles used by clients")
+    ap.add_argument("--engine", choices=["runtime", "vllm"], default="runtime")
+    ap.add_argument("--during-build", action="store_true",
+                    help="throughput alone and while a mask build runs in the same server")
+    ap.add_argument("--build-records", type=int, default=400, help="texts per build")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds (--during-build)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         proc = None
         url = args.url
         if url is None:
-            proc, url = start_server(args.model, args.clients, Path(tmp))
+            proc, url = start_server(args.model, args.clients, Path(tmp), args.engine)
         try:
             profiles = make_profiles(url, args.key, args.profiles) if args.profiles else [None]
+            if args.during_build:
+                print(f"machine: {platform.node()} {os.cpu_count()} cpus; {args.engine} engine,"
+                      f" {args.clients} clients, {args.max_tokens} tokens per request")
+                return asyncio.run(during_builds(url, args.key, args, profiles))
             stats, wall = asyncio.run(run(url, args.key, clients=args.clients,
                                           duration=args.duration, max_tokens=args.max_tokens,
                                           profiles=profiles))
