@@ -145,9 +145,9 @@ def _expert_rows(idx: torch.Tensor, M: int, starts: tuple[int, ...], E: int) -> 
 
 def _gather(weight: torch.Tensor, T: int):
     """The gather-GEMV primitives (rows_dot, rows_axpy) for a step of T tokens over weight:
-    the Numba loops for a CPU weight, the Triton kernels for a CUDA one at decode sizes
-    (T <= 32, Triton installed), float32 or bfloat16; None: torch's index_select + linear
-    and embedding_bag."""
+    the Numba loops for a CPU weight, the Triton kernels for a contiguous CUDA one at decode
+    sizes (T <= 32, Triton installed), float32 or bfloat16; None: torch's index_select +
+    linear and embedding_bag."""
     if weight.dtype not in (torch.float32, torch.bfloat16):
         return None
     if weight.device.type == "cpu":
@@ -156,7 +156,7 @@ def _gather(weight: torch.Tensor, T: int):
         return sparse_cpu
     from kernels import triton_available
 
-    if weight.is_cuda and triton_available():
+    if weight.is_cuda and weight.is_contiguous() and triton_available():
         from kernels import sparse_triton
 
         if T <= sparse_triton.MAX_TOKENS:

@@ -8,8 +8,9 @@ Numba loops in kernels.sparse_cpu):
 Each program owns a block of outputs (BLOCK_N rows of z, or BLOCK_D columns of out) for every
 token and a slice of the reduction axis (D, or L): it reads its rows' slices once for all T
 tokens, as float32 [rows, BLOCK_D] tiles, and multiplies them with every token in one
-[BLOCK_T, rows, BLOCK_D] broadcast product on the CUDA cores (T is too small for tensor
-cores to pay, and float32 keeps the products of bfloat16 values exact). A row no token uses
+[BLOCK_T, rows, BLOCK_D] broadcast product on the CUDA cores (float32 keeps the products of
+bfloat16 values exact; at T <= 32 the row reads, not the multiplies, should bound the time,
+so tensor cores are left until a GPU measurement says otherwise). A row no token uses
 (use all False, or x zero for every token: the padding experts) is never loaded. The
 reduction axis is split over a second grid axis when the output blocks alone give too few
 programs to fill the GPU; the splits write float32 partials [S, T, *] that one torch sum adds

@@ -148,8 +148,8 @@ def test_sparse_layer_on_the_triton_gather(device, monkeypatch, shape, masked, d
 
 
 def test_gather_primitives_by_device_dtype_and_step_size(device):
-    """Numba loops for CPU float32 / bfloat16 weights at any T; Triton kernels for CUDA ones
-    up to T = 32 (decode); torch's gather + GEMM otherwise."""
+    """Numba loops for CPU float32 / bfloat16 weights at any T; Triton kernels for contiguous
+    CUDA ones up to T = 32 (decode); torch's gather + GEMM otherwise."""
     from kernels import sparse_cpu
 
     pick = kernels.sparse._gather
@@ -161,7 +161,7 @@ def test_gather_primitives_by_device_dtype_and_step_size(device):
 
         w = w.to(device)
         assert pick(w, 32) is sparse_triton and pick(w.bfloat16(), 1) is sparse_triton
-        assert pick(w, 33) is None and pick(w.half(), 1) is None
+        assert pick(w, 33) is None and pick(w.half(), 1) is None and pick(w.t(), 1) is None
 
 
 @pytest.mark.parametrize("vertical", [True, False], ids=["VD", "HD"])
