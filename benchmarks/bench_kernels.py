@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_kernels.py [--releases 850M 1.4B 4.1B]
         [--tokens 1 16 256 4096] [--variants vd hd] [--naive-max-tokens N] [--peak-gbps B]
-        [--threads N]
+        [--threads N] [--gather-tokens 1 4 16 32]
 
 For each release (E = 512; H and m from the spec) and T tokens: the router on logits [T, H, E],
 and VD / HD mixing with no mask, one profile (every token) and 8 mixed profiles (tokens spread
@@ -15,6 +15,16 @@ Bytes moved is the compulsory traffic: every input read once and every output wr
 of the profiles in use). GB/s = bytes / time; its share is against the device's peak bandwidth
 (table of GPUs, --peak-gbps, or on a CPU a measured large copy). The kernels are memory-bound,
 so that share is the figure to push up; the naive approach does O(E^2) work per token instead.
+
+Gather-GEMV (CUDA only; skipped with a message elsewhere): the sparse decode path's two
+products at a step of T tokens (--gather-tokens) over the rows of its active experts, as
+kernels.sparse runs them: `u rows_dot` (W [E*M, D] at the n*M rows of the active experts,
+y [T, D]) and `v rows_axpy` (the packed v table, pack_vd's [2*E*M + E, D/2] or pack_hd's
+[E*M + E, D], at the rows of kernels.sparse._expert_rows), Triton (kernels.sparse_triton)
+against torch's index_select + linear and embedding_bag. Bytes: the gathered rows some token
+needs (the only weight bytes the kernels read) plus y / use / x in and the output out. At
+batch-1 decode that is about 1-4 MB per call, a microsecond at HBM speed: there the limit is
+the launch (a few microseconds), and the row to read is the time beside torch's.
 """
 
 from __future__ import annotations
@@ -35,7 +45,8 @@ import kernels  # noqa: E402
 from kernels.mixing import bitset_words  # noqa: E402
 
 E = 512
-RELEASES = {"850M": dict(H=6, m=12), "1.4B": dict(H=8, m=16), "4.1B": dict(H=12, m=24)}
+RELEASES = {"850M": dict(H=6, m=12, D=1536), "1.4B": dict(H=8, m=16, D=2048),
+            "4.1B": dict(H=12, m=24, D=3072)}
 MASK_CASES = ("none", "one profile", "8 profiles")
 DENSITY = 0.05
 # Peak DRAM bandwidth in GB/s by device name (datasheets).
@@ -227,6 +238,77 @@ def run(args) -> None:
                             continue
                         fn = mixing_call(L, impl, table, prof, vd=vd)
                         row(release, T, op, impl, timed(fn, device), nbytes)
+    if args.gather_tokens:
+        run_gather(args, device, row)
+
+
+def gather_layer(T: int, H: int, M: int, D: int, *, vd: bool, dtype, device, seed: int = 0):
+    """A decode step's gather-GEMV operands: (u weight, u rows, y, use), (table, v rows, x)."""
+    from kernels.sparse import _expert_rows
+
+    gen = torch.Generator().manual_seed(seed)
+    sigma = kernels.router_sigma(8, E)
+    g1, g2 = (kernels.route_reference(torch.randn(T, H, E, generator=gen), torch.zeros(H),
+                                      torch.ones(H), sigma=sigma) for _ in range(2))
+    active = kernels.active_experts(g1, g2)
+    n = active.side1.numel()
+    W = torch.randn(E * M, D, generator=gen).to(dtype)
+    rows = (active.side1[:, None] * M + torch.arange(M)).reshape(-1)  # [n*M]
+    use = (active.g1 != 0).any(1).repeat_interleave(M, dim=1)  # [T, n*M]
+    y = torch.randn(T, D, generator=gen).to(dtype)
+    Dv = D // 2 if vd else D
+    starts = (0, E * M, 2 * E * M) if vd else (0, E * M)
+    table = torch.randn(starts[-1] + E, Dv, generator=gen).to(dtype)
+    v_rows = _expert_rows(active.side2, M, starts, E)
+    x = torch.randn(T, v_rows.numel(), generator=gen)
+    x = (x * torch.cat([active.g2.sum(1).ne(0).repeat_interleave(M, 1)] * (len(starts) - 1)
+                       + [active.g2.sum(1).ne(0)], 1)).to(dtype)  # zero at unused experts
+    on = lambda *ts: [t.to(device) for t in ts]  # noqa: E731
+    return on(W, rows, y, use), on(table, v_rows, x), n
+
+
+def gather_bytes(W, rows, y, use, *, dot: bool) -> int:
+    """Weight rows some token needs, plus the small operands in and the float32 out."""
+    needed = (use if dot else use != 0).any(0).sum().item()
+    out = y.shape[0] * (rows.numel() if dot else W.shape[1]) * 4
+    return needed * W.shape[1] * W.element_size() + y.numel() * y.element_size() + \
+        use.numel() * use.element_size() + rows.numel() * 8 + out
+
+
+def run_gather(args, device: torch.device, row) -> None:
+    """The gather-GEMV rows of the table (Triton and torch), CUDA only."""
+    if device.type != "cuda" or not kernels.triton_available():
+        print("gather-GEMV: skipped, no CUDA device (or no triton): the Triton kernels are "
+              "timed on a GPU only")
+        return
+    import torch.nn.functional as F
+
+    from kernels import sparse_triton
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or "bf16"]
+    for release in args.releases:
+        H, m = RELEASES[release]["H"], RELEASES[release]["m"]
+        D = RELEASES[release]["D"]
+        for T in args.gather_tokens:
+            for variant in args.variants:
+                vd = variant == "vd"
+                M = m // 2 if vd else m
+                (W, rows, y, use), (table, v_rows, x), n = gather_layer(
+                    T, H, M, D, vd=vd, dtype=dtype, device=device)
+                u_bytes = gather_bytes(W, rows, y, use, dot=True)
+                v_bytes = gather_bytes(table, v_rows, x, x, dot=False)
+                calls = {
+                    f"{variant} u rows_dot n={n}": (u_bytes, {
+                        "triton": lambda: sparse_triton.rows_dot(W, rows, y, use),
+                        "torch": lambda: F.linear(y, W.index_select(0, rows))}),
+                    f"{variant} v rows_axpy": (v_bytes, {
+                        "triton": lambda: sparse_triton.rows_axpy(table, v_rows, x),
+                        "torch": lambda: F.embedding_bag(v_rows.expand(T, -1), table,
+                                                         mode="sum", per_sample_weights=x)}),
+                }
+                for op, (nbytes, impls) in calls.items():
+                    for impl, fn in impls.items():
+                        row(release, T, op, impl, timed(fn, device), nbytes)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -239,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--naive-max-tokens", type=int, default=None,
                         help="skip the naive approach above this T (default: 4096 on CUDA, "
                              "256 on CPU)")
+    parser.add_argument("--gather-tokens", nargs="*", type=int, default=[1, 4, 16, 32],
+                        help="decode steps for the gather-GEMV rows (CUDA only; none: skip)")
     parser.add_argument("--peak-gbps", type=float, default=None)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 is steadier on shared cores)")

@@ -4,8 +4,9 @@ Each operation has a plain-torch reference, Triton kernels for CUDA and a launch
 its inputs and picks one (`impl=` forces a choice; on a CPU the Triton kernels then need
 TRITON_INTERPRET=1). Mixing also has compiled CPU loops (Numba) over the router's nonzero
 entries, the launcher's pick for CPU float32/float64. Sparse expert layers for decode
-(kernels.sparse) evaluate only the experts a step uses, with Numba gather-GEMV loops on the CPU
-(kernels.sparse_cpu). Only torch, triton and numba are imported.
+(kernels.sparse) evaluate only the experts a step uses, with gather-GEMV over the active
+experts' rows: Numba loops on the CPU (kernels.sparse_cpu), Triton kernels on CUDA for steps of
+up to 32 tokens (kernels.sparse_triton). Only torch, triton and numba are imported.
 """
 
 from __future__ import annotations

@@ -7,12 +7,14 @@ reads every expert's weights. Here, for one step:
 1. `active_experts`: the step's experts per side (the union over tokens of the nonzero router
    entries), both sides padded to one count n (the padding repeats an expert with zero
    weight), and g1, g2 restricted to them ([T, H, n]); once per routing group;
-2. the u projections at those experts only: their rows of u (and bias) gathered, one GEMM;
+2. the u projections at those experts only: their rows of u (and bias) read in place by a
+   gather-GEMV (`_gather`: Numba loops on the CPU, kernels.sparse_cpu; Triton kernels on CUDA
+   for T <= 32, kernels.sparse_triton), else gathered for one GEMM;
 3. mixing as kernels.mix_vd / mix_hd over the n compact experts, masks included (each
    profile's bitset row remapped to the compact n x n pairs, `compact_table`);
 4. the v projections and the biases as one `embedding_bag` per half over a packed table
    (`pack_vd`: [V11^T; V12^T; b1] and [V21^T; V22^T; b2]; `pack_hd`: [V^T; b]), which reads
-   the active experts' rows in place.
+   the active experts' rows in place (the same gather-GEMV kernels where they apply).
 
 The output is the dense layer's up to the order of the sums (tested against it and against
 the naive E x E oracle). `use_sparse` picks the path per step by the share of experts in use.
@@ -141,32 +143,48 @@ def _expert_rows(idx: torch.Tensor, M: int, starts: tuple[int, ...], E: int) -> 
     return torch.cat((*blocks, starts[-1] + idx))
 
 
-def _compiled(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+def _gather(weight: torch.Tensor, T: int):
+    """The gather-GEMV primitives (rows_dot, rows_axpy) for a step of T tokens over weight:
+    the Numba loops for a CPU weight, the Triton kernels for a contiguous CUDA one at decode
+    sizes (T <= 32, Triton installed), float32 or bfloat16; None: torch's index_select +
+    linear and embedding_bag."""
+    if weight.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if weight.device.type == "cpu":
+        from kernels import sparse_cpu
+
+        return sparse_cpu
+    from kernels import triton_available
+
+    if weight.is_cuda and weight.is_contiguous() and triton_available():
+        from kernels import sparse_triton
+
+        if T <= sparse_triton.MAX_TOKENS:
+            return sparse_triton
+    return None
 
 
 def _bag(table_RD, rows_L, weights_TL):
     """out[t] = sum_l weights[t, l] table[rows[l]]: the v projection over the active rows
-    (compiled loops on the CPU, else embedding_bag). float32 or better."""
-    if _compiled(table_RD):
-        from kernels.sparse_cpu import rows_axpy
-
-        return rows_axpy(table_RD, rows_L, weights_TL)
+    (gather-GEMV kernels where _gather has them, else embedding_bag). float32 or better."""
+    gather = _gather(table_RD, weights_TL.shape[0])
+    if gather is not None:
+        return gather.rows_axpy(table_RD, rows_L, weights_TL)
     T = weights_TL.shape[0]
     return F.embedding_bag(rows_L.expand(T, -1), table_RD, mode="sum",
                            per_sample_weights=weights_TL.to(table_RD.dtype).contiguous())
 
 
 def _u(y_TD, weight, bias, idx, g_THn, M):
-    """relu2(U_i y + c_i) at the experts idx [n], in y's dtype: [T, n, M]. On the CPU a token
-    skips the experts it does not use (g zero: their activations multiply nothing)."""
+    """relu2(U_i y + c_i) at the experts idx [n], in y's dtype: [T, n, M]. With the gather
+    kernels (_gather) a token skips the experts it does not use (g zero: their activations
+    multiply nothing), and rows no token uses are not read."""
     T = y_TD.shape[0]
     rows = (idx[:, None] * M + torch.arange(M, device=idx.device)).view(-1)  # [n*M]
-    if _compiled(weight):
-        from kernels.sparse_cpu import rows_dot
-
+    gather = _gather(weight, T)
+    if gather is not None:
         use = (g_THn != 0).any(1).repeat_interleave(M, dim=1)  # [T, n*M]
-        z = (rows_dot(weight, rows, y_TD, use) + bias.index_select(0, rows).float())
+        z = (gather.rows_dot(weight, rows, y_TD, use) + bias.index_select(0, rows).float())
         z = z.to(y_TD.dtype)
     else:
         z = F.linear(y_TD, weight.index_select(0, rows), bias.index_select(0, rows))

@@ -4,7 +4,8 @@
 # 1. the kernel tests natively on CUDA (no Triton interpreter);
 # 2. the mixed-profile parity test on the vLLM CUDA engine with torch.compile and CUDA graphs
 #    (MONET_TEST_VLLM_COMPILED=1: enforce_eager off), against the runtime generating alone;
-# 3. bench_kernels.py at the 1.4B shapes (bf16; GB/s against the GPU's peak bandwidth);
+# 3. bench_kernels.py at the 1.4B shapes (bf16; GB/s against the GPU's peak bandwidth), the
+#    sparse decode path's gather-GEMV (kernels/sparse_triton.py) at T = 1, 4, 16, 32 included;
 # 4. a bf16 serving benchmark on a random 1.4B-shape checkpoint (4 layers) on vLLM, compiled.
 # Python: $PYTHON, else .venv/bin/python, else python3. vLLM: installed with `pip install
 # vllm==0.32.0` when missing and a package index is reachable, or from wheels in
@@ -73,11 +74,14 @@ else
 fi
 
 # 3. kernels at the 1.4B shapes
-if step bench-kernels 180 "$py" benchmarks/bench_kernels.py --releases 1.4B --dtype bf16 \
-    --tokens 1 16 256 4096; then
+if step bench-kernels 240 "$py" benchmarks/bench_kernels.py --releases 1.4B --dtype bf16 \
+    --tokens 1 16 256 4096 --gather-tokens 1 4 16 32; then
     # the Triton targets: 8 mixed profiles within 10% of unmasked, >= 50% of peak at T=4096
     row "bench_kernels 1.4B bf16, triton at T=4096 (time, MB, GB/s, % peak)" done \
         "$(grep -E '^ *1\.4B +4096 .* triton ' "$out/bench-kernels.log" | sed -E 's/ +/ /g' | paste -sd ';' | cut -c1-600)"
+    # gather-GEMV of the sparse decode path: triton against torch's gather + GEMM
+    row "bench_kernels 1.4B bf16, gather-GEMV at T=1, 32 (time, MB, GB/s, % peak)" done \
+        "$(grep -E '^ *1\.4B +(1|32) .*rows_(dot|axpy).* (triton|torch) ' "$out/bench-kernels.log" | sed -E 's/ +/ /g' | paste -sd ';' | cut -c1-900)"
 else
     row "bench_kernels 1.4B bf16" FAIL "see bench-kernels.log"
 fi

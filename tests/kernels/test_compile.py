@@ -23,7 +23,7 @@ warnings.filterwarnings("ignore")
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels import mixing_triton as mt, router_triton as rt
+from kernels import mixing_triton as mt, router_triton as rt, sparse_triton as st
 
 def compile_(fn, sig, consts, cap):
     sig = {**sig, **{k: "constexpr" for k in consts}}
@@ -57,6 +57,17 @@ kernels = [
                                 I_ptr=I32, J_ptr=I32, count_ptr=I32, s_ptr=F, out_ptr=X,
                                 c2_ptr=X, W="i32", **n), sparse),
 ]
+# the gather-GEMV kernels at a decode step of 1 and of 32 tokens, rows of D = 2048
+for w, T in (("*bf16", 1), ("*fp32", 32)):
+    BT, BD, rows = st._blocks(T, 2048)
+    kernels += [
+        (st._rows_dot_kernel, dict(w_ptr=w, rows_ptr=I64, y_ptr=w, use_ptr="*i1", part_ptr=F,
+                                   T="i32", N="i32", D="i32", d_per_split="i32"),
+         dict(BLOCK_T=BT, BLOCK_N=rows, BLOCK_D=BD)),
+        (st._rows_axpy_kernel, dict(w_ptr=w, rows_ptr=I64, x_ptr=w, part_ptr=F, T="i32",
+                                    L="i32", D="i32", l_per_split="i32"),
+         dict(BLOCK_T=BT, BLOCK_L=rows, BLOCK_D=BD)),
+    ]
 sizes = {}
 for cap in (80, 90):
     for i, (fn, sig, consts) in enumerate(kernels):
@@ -81,4 +92,4 @@ def test_kernels_compile_for_cuda():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     sizes = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(sizes) == 14 and all(size > 0 for size in sizes.values()), sizes
+    assert len(sizes) == 22 and all(size > 0 for size in sizes.values()), sizes

@@ -22,6 +22,7 @@ from kernel_data import (
 )
 
 import kernels
+import kernels.sparse
 from kernels import active_experts, pack_hd, pack_vd, sparse_hd, sparse_vd, use_sparse
 from kernels.sparse import compact_table
 
@@ -66,9 +67,11 @@ def naive_layer(y, g1, g2, w, mask, *, vertical):
     return x["x"] @ w["v"].T + x["c2"] @ w["b"]
 
 
-def run_sparse(y, g1, g2, w, mask, *, vertical, dtype):
-    c = lambda t: t.to(dtype)  # noqa: E731
-    active = active_experts(g1, g2)
+def run_sparse(y, g1, g2, w, mask, *, vertical, dtype, device="cpu"):
+    c = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    active = active_experts(g1.to(device), g2.to(device))
+    if mask is not None:
+        mask = tuple(t.to(device) for t in mask)
     if vertical:
         first = pack_vd(c(w["v11"]), c(w["v12"]), c(w["b1"]))
         second = pack_vd(c(w["v21"]), c(w["v22"]), c(w["b2"]))
@@ -77,13 +80,14 @@ def run_sparse(y, g1, g2, w, mask, *, vertical, dtype):
     return sparse_hd(c(y), active, tuple(map(c, w["u"])), pack_hd(c(w["v"]), c(w["b"])), mask)
 
 
-def check(T, H, E, M, D, *, vertical, dtype, masked, seed, g=None, profile=None):
+def check(T, H, E, M, D, *, vertical, dtype, masked, seed, g=None, profile=None,
+          device="cpu"):
     y = torch.randn(T, D, generator=generator(seed), dtype=torch.float64)
     g1, g2 = g if g is not None else (router_weights(T, H, E, seed=seed + 1),
                                       router_weights(T, H, E, seed=seed + 2))
     w = weights(D, E, M, seed=seed + 3, vertical=vertical)
     mask = mask_of(E, T, seed=seed + 4, profile=profile) if masked else None
-    got = run_sparse(y, g1, g2, w, mask, vertical=vertical, dtype=dtype)
+    got = run_sparse(y, g1, g2, w, mask, vertical=vertical, dtype=dtype, device=device).cpu()
     want = naive_layer(y, g1.double(), g2.double(), w, mask, vertical=vertical)
     assert got.shape == (T, D) and got.dtype == dtype
     tol = TOL[dtype] * 10 * max(1.0, want.abs().max().item())
@@ -104,6 +108,60 @@ SHAPES = [  # T, H, E, M, D
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_sparse_layer_equals_the_naive_layer(shape, masked, dtype, vertical):
     check(*shape, vertical=vertical, dtype=dtype, masked=masked, seed=sum(shape))
+
+
+def force_triton_gather(monkeypatch) -> list:
+    """Make the sparse layers use the Triton gather-GEMV (kernels.sparse_triton) whatever the
+    device (on a CPU under TRITON_INTERPRET=1); returns the list of its calls."""
+    from kernels import sparse_triton
+
+    calls = []
+
+    class Recorded:
+        def rows_dot(*args):
+            calls.append("rows_dot")
+            return sparse_triton.rows_dot(*args)
+
+        def rows_axpy(*args):
+            calls.append("rows_axpy")
+            return sparse_triton.rows_axpy(*args)
+
+    monkeypatch.setattr(kernels.sparse, "_gather", lambda weight, T: Recorded)
+    return calls
+
+
+@pytest.mark.parametrize("vertical", [True, False], ids=["VD", "HD"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: "x".join(map(str, s)))
+def test_sparse_layer_on_the_triton_gather(device, monkeypatch, shape, masked, dtype, vertical):
+    """The layer with the Triton primitives equals the naive layer and the CPU (Numba) path."""
+    kw = dict(vertical=vertical, dtype=dtype, masked=masked, seed=sum(shape) + 100)
+    on_cpu, want = check(*shape, **kw)
+    calls = force_triton_gather(monkeypatch)
+    got, _ = check(*shape, **kw, device=device)
+    per_side = ["rows_dot", "rows_dot", "rows_axpy", "rows_axpy"] if vertical else [
+        "rows_dot", "rows_axpy"]
+    assert calls == per_side
+    tol = TOL[dtype] * 10 * max(1.0, want.abs().max().item())
+    torch.testing.assert_close(got.double(), on_cpu.double(), atol=tol, rtol=0.0)
+
+
+def test_gather_primitives_by_device_dtype_and_step_size(device):
+    """Numba loops for CPU float32 / bfloat16 weights at any T; Triton kernels for contiguous
+    CUDA ones up to T = 32 (decode); torch's gather + GEMM otherwise."""
+    from kernels import sparse_cpu
+
+    pick = kernels.sparse._gather
+    w = torch.zeros(4, 4)
+    assert pick(w, 1) is sparse_cpu and pick(w.bfloat16(), 4096) is sparse_cpu
+    assert pick(w.half(), 1) is None and pick(w.double(), 1) is None
+    if device.type == "cuda":
+        from kernels import sparse_triton
+
+        w = w.to(device)
+        assert pick(w, 32) is sparse_triton and pick(w.bfloat16(), 1) is sparse_triton
+        assert pick(w, 33) is None and pick(w.half(), 1) is None and pick(w.t(), 1) is None
 
 
 @pytest.mark.parametrize("vertical", [True, False], ids=["VD", "HD"])
