@@ -102,10 +102,10 @@ export async function stream(path, body, { onOpen, onChunk, signal } = {}) {
 }
 
 // GET /jobs/{id} every `every` ms until it is done; onProgress(job) each time. Resolves to the
-// finished job (succeeded or failed); never blocks the page.
-export async function follow(jobId, onProgress, { every = 400 } = {}) {
+// finished job (succeeded or failed); never blocks the page; `signal` stops following.
+export async function follow(jobId, onProgress, { every = 400, signal } = {}) {
   for (;;) {
-    const job = await get(`/jobs/${encodeURIComponent(jobId)}`);
+    const job = await get(`/jobs/${encodeURIComponent(jobId)}`, { signal });
     onProgress(job);
     if (job.status === "succeeded" || job.status === "failed") return job;
     await new Promise((resolve) => setTimeout(resolve, every));

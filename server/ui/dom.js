@@ -35,6 +35,8 @@ export function visible(text) {
     c === "\u007f" ? "\u2421" : String.fromCharCode(0x2400 + c.charCodeAt(0)));
 }
 
+export const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+
 export const fmt = (x, digits = 3) =>
   x === null || x === undefined ? "\u2013" : Number(x).toFixed(digits);
 

@@ -2,10 +2,12 @@
 // it, save it with If-Match (a conflict is shown, never overwritten), delete, build from
 // labelled examples as a background job (progress from /jobs/{id}), and its evaluation card.
 import { call, follow, get, post } from "./api.js";
-import { draft, errorBox, expertHref, field, h, loading, replace } from "./dom.js";
+import { draft, errorBox, expertHref, field, h, loading, plural, replace } from "./dom.js";
 import { reportCard } from "./report.js";
 
 const JOB = "monet.job";
+const SHOWN_OPEN = 40;
+const SHOWN = 400;
 
 // The write's precondition: the version the draft was loaded from, or "create only".
 const precondition = (d) => (d.base ? { "If-Match": `"${d.base}"` } : { "If-None-Match": "*" });
@@ -51,9 +53,14 @@ function expertsList(d, repaint) {
              "some from an expert's page (", h("a", { href: "#/routing" }, "routing view"),
              ", ", h("a", { href: "#/experts" }, "search"), ") or below.");
   }
-  return layers.map((layer) => h("section", { class: "layer", "data-layer": layer },
-    h("h4", {}, `Layer ${layer} (${d.layers[layer].length})`),
-    h("ul", { class: "chips" }, d.layers[layer].map(([i, j]) => h("li", {},
+  // Large drafts (a built profile may remove thousands of experts a layer): a layer's list is
+  // folded past SHOWN_OPEN experts and shows at most SHOWN of them.
+  return layers.map((layer) => h("details", { class: "layer", "data-layer": layer,
+                                              open: d.layers[layer].length <= SHOWN_OPEN },
+    h("summary", {}, `Layer ${layer}: ${plural(d.layers[layer].length, "expert")}`),
+    d.layers[layer].length > SHOWN ? h("p", { class: "muted" }, `The first ${SHOWN} shown; ` +
+      "all are saved.") : null,
+    h("ul", { class: "chips" }, d.layers[layer].slice(0, SHOWN).map(([i, j]) => h("li", {},
       h("a", { href: expertHref(layer, i, j) }, `(${i}, ${j})`),
       h("button", { type: "button", class: "chip-x", "aria-label": `Remove (${i}, ${j}) of ` +
                     `layer ${layer}`, onclick: () => {
@@ -82,7 +89,8 @@ function buildForm(state) {
   const criterion = h("select", { name: "criterion" }, ["", "specificity", "attribution",
     "learned"].map((c) => h("option", { value: c }, c || "(the kind's default)")));
   const examples = h("textarea", { name: "examples", rows: 6, placeholder:
-    "code: def f(x): return x\nprose: The cat sat on the mat.\n{\"text\": \"...\", \"label\": \"code\"}" });
+    "code: def f(x): return x\nprose: The cat sat on the mat.\n" +
+    "{\"text\": \"...\", \"label\": \"code\"}" });
   const upload = h("input", { type: "file", name: "file", accept: ".jsonl,.txt,.json,.tsv" });
   const evaluate = h("input", { type: "checkbox", name: "evaluate", checked: true });
   const form = h("form", { class: "card stack", "aria-label": "Build from labelled examples" },
@@ -136,7 +144,8 @@ export function render(main, _params, signal) {
     const d = draft.load();
     base.textContent = d.base ? `Loaded from ${d.name}@${d.base}: saving needs that version ` +
       "to be the stored one." : "A new profile: saving will not replace an existing one.";
-    replace(list, h("p", {}, `${draft.size(d)} experts in the draft.`), expertsList(d, repaint));
+    replace(list, h("p", {}, `${plural(draft.size(d), "expert")} in the draft.`),
+            expertsList(d, repaint));
   };
   const edit = () => {
     const d = draft.load();
@@ -149,7 +158,9 @@ export function render(main, _params, signal) {
 
   const showReport = async (n) => {
     replace(report, loading("Loading the report"));
-    try { replace(report, reportCard(await get(`/masks/${encodeURIComponent(n)}/report`, { signal }))); }
+    try {
+      replace(report, reportCard(await get(`/masks/${encodeURIComponent(n)}/report`, { signal })));
+    }
     catch (error) { if (error.name !== "AbortError") replace(report, errorBox(error)); }
   };
   const load = async (n) => {
@@ -174,7 +185,7 @@ export function render(main, _params, signal) {
       draft.save(d);
       repaint();
       say(h("p", { class: "ok", id: "saved" }, `Saved ${data.name}@${data.version} ` +
-            `(${data.size} experts).`));
+            `(${plural(data.size, "expert")}).`));
     } catch (error) {
       if (error.status !== 409 || error.param !== "If-Match") { say(errorBox(error)); return; }
       say(h("div", { class: "conflict", role: "alert" },
@@ -203,7 +214,8 @@ export function render(main, _params, signal) {
       d.base = 0;
       draft.save(d);
       repaint();
-      say(h("p", { class: "ok" }, `Deleted ${data.name}@${data.deleted_version}; the draft is kept.`));
+      say(h("p", { class: "ok" },
+            `Deleted ${data.name}@${data.deleted_version}; the draft is kept.`));
     } catch (error) { say(errorBox(error)); }
   };
   const followJob = async (id, n) => {
@@ -214,15 +226,22 @@ export function render(main, _params, signal) {
       const job = await follow(id, (j) => {
         bar.value = j.progress;
         line.textContent = `${j.status}: ${Math.round(100 * j.progress)}% ${j.message || ""}`;
-      });
+      }, { signal }); // leaving the editor stops polling; coming back resumes it
       sessionStorage.removeItem(JOB);
-      if (signal.aborted) return;
-      if (job.status === "failed") { replace(progress, errorBox({ status: 0, message: job.error })); return; }
-      line.textContent = `Built ${job.result.name}@${job.result.version}: ${job.result.size} experts.`;
+      if (job.status === "failed") {
+        replace(progress, errorBox({ status: 0, message: job.error }));
+        return;
+      }
+      line.textContent = `Built ${job.result.name}@${job.result.version}: ` +
+        `${plural(job.result.size, "expert")}.`;
       progress.dataset.done = "true";
       if (draft.load().name === n) await load(n);
       showReport(n);
-    } catch (error) { replace(progress, errorBox(error)); }
+    } catch (error) {
+      if (error.name === "AbortError") return;
+      if (error.status === 404) sessionStorage.removeItem(JOB); // gone (another replica?)
+      replace(progress, errorBox(error));
+    }
   };
 
   const del = h("button", { type: "button", class: "danger", onclick: (e) => remove(e.target) },
@@ -238,13 +257,17 @@ export function render(main, _params, signal) {
         h("button", { type: "button", class: "secondary", onclick: () => {
           draft.save({ name: "", description: "", base: 0, layers: {} });
           name.value = ""; description.value = ""; repaint(); say(); } }, "New draft"))),
-    message, progress,
-    h("div", { class: "card" }, h("h3", {}, "Add by hand"), addForm(repaint)),
-    h("form", { class: "card row", "aria-label": "Load a stored profile",
-                onsubmit: (e) => { e.preventDefault(); if (stored.value) load(stored.value); } },
-      field("Load a stored profile", stored), h("button", { type: "submit", class: "secondary" },
-        "Load into the draft")),
-    buildForm({ say, follow: followJob }), report);
+    message, progress, report,
+    h("div", { class: "columns" }, buildForm({ say, follow: followJob }),
+      h("div", {},
+        h("div", { class: "card" }, h("h3", {}, "Add by hand"), addForm(repaint)),
+        h("form", { class: "card row", "aria-label": "Load a stored profile",
+                    onsubmit: (e) => {
+                      e.preventDefault();
+                      if (stored.value) load(stored.value);
+                    } },
+          field("Load a stored profile", stored),
+          h("button", { type: "submit", class: "secondary" }, "Load into the draft")))));
   repaint();
   get("/masks", { signal }).then((l) => l.forEach((p) =>
     stored.append(h("option", { value: p.name }, `${p.name} (v${p.version})`))))

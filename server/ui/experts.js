@@ -1,7 +1,8 @@
 // Experts: the atlas's summary and search (GET /experts, /experts/search), and an expert's
 // page (GET /experts/{layer}/{i}/{j}) with "add to / remove from" the draft mask.
 import { get } from "./api.js";
-import { draft, errorBox, expertHref, field, fmt, h, loading, replace, visible } from "./dom.js";
+import { draft, errorBox, expertHref, field, fmt, h, loading, plural, replace, visible }
+  from "./dom.js";
 
 const NO_ATLAS = "No atlas is built for this model yet: run `monet atlas build CORPUS` or " +
   "POST /experts/build (admin key).";
@@ -90,7 +91,7 @@ function draftButtons(e, layer) {
                                  } },
                      inDraft ? "Remove from mask" : "Add to mask");
     status.textContent = `${inDraft ? "In" : "Not in"} ${name} (layer ${layer}; ` +
-      `${draft.size(draft.load())} experts in the draft).`;
+      `${plural(draft.size(draft.load()), "expert")} in the draft).`;
     replace(box, toggle, h("a", { href: "#/editor" }, "Open the mask editor"));
   };
   paint();

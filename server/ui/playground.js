@@ -1,7 +1,7 @@
 // Playground: one prompt, continued without and with the chosen profiles, both streamed
 // (POST /generate, stream=true) side by side, with the profiles the server applied.
 import { get, stream } from "./api.js";
-import { errorBox, field, h, loading, replace, visible } from "./dom.js";
+import { errorBox, field, h, loading, plural, replace, visible } from "./dom.js";
 
 export const PROMPT = "monet.prompt";
 export const CHOSEN = "monet.profiles";
@@ -25,7 +25,8 @@ function profilePicker(list, chosen) {
            list.map((p) => h("label", { class: "check" },
              h("input", { type: "checkbox", name: "profile", value: p.name,
                           checked: chosen.includes(p.name) }),
-             ` ${p.name}`, h("span", { class: "muted" }, ` v${p.version}, ${p.size} experts`))));
+             ` ${p.name}`,
+             h("span", { class: "muted" }, ` v${p.version}, ${plural(p.size, "expert")}`))));
 }
 
 async function run(cols, body, profiles, signal) {

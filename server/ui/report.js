@@ -19,7 +19,8 @@ function losses(ev) {
     h("tbody", {}, ev.labels.map((l) => h("tr", { class: l.label === ev.target ? "target" : "" },
       h("th", { scope: "row" }, l.label), h("td", {}, l.tokens), h("td", {}, fmt(l.loss)),
       h("td", {}, fmt(l.masked_loss)), h("td", {}, fmt(l.delta)),
-      h("td", {}, h("span", { class: "bar", style: { width: `${(100 * Math.abs(l.delta)) / most}%` } }))))));
+      h("td", {}, h("span", { class: "bar",
+                              style: { width: `${(100 * Math.abs(l.delta)) / most}%` } }))))));
 }
 
 function generation(g) {
@@ -38,9 +39,11 @@ function generation(g) {
         h("th", { scope: "col" }, c)))),
       h("tbody", {},
         h("tr", {}, h("th", { scope: "row" }, "expected max toxicity"),
-          h("td", {}, fmt(tox.expected_max_toxicity)), h("td", {}, fmt(tox.masked_expected_max_toxicity))),
+          h("td", {}, fmt(tox.expected_max_toxicity)),
+          h("td", {}, fmt(tox.masked_expected_max_toxicity))),
         h("tr", {}, h("th", { scope: "row" }, "toxic probability"),
-          h("td", {}, fmt(tox.toxic_probability)), h("td", {}, fmt(tox.masked_toxic_probability))))) : null,
+          h("td", {}, fmt(tox.toxic_probability)),
+          h("td", {}, fmt(tox.masked_toxic_probability))))) : null,
   ];
 }
 

@@ -20,8 +20,8 @@ function detail(token, layer) {
         `expert (${e.i}, ${e.j})`),
       ` #${e.expert}, weight ${fmt(e.weight)}`,
       h("span", { class: "muted" }, `, layers ${e.layers.join(", ")}`),
-      e.removed_by.length ? h("span", { class: "removed" }, ` removed by ${e.removed_by.join(", ")}`)
-        : null))),
+      e.removed_by.length
+        ? h("span", { class: "removed" }, ` removed by ${e.removed_by.join(", ")}`) : null))),
   ];
 }
 
@@ -81,14 +81,20 @@ export function render(main, _params, signal) {
           h("p", { class: "muted" }, "Each token shaded by the weight of its top composite " +
             "expert in the chosen routing layer. Click a token to keep its experts listed."),
           form, status, picker, tokensBox, panel);
+  let latest = null; // a new inspection cancels the one before: only the latest is shown
+  signal.addEventListener("abort", () => latest?.abort());
   const inspect = async () => {
+    latest?.abort();
+    const mine = latest = new AbortController();
     sessionStorage.setItem(PROMPT, text.value);
+    tokensBox.dataset.state = "loading";
     replace(status, loading("Routing the text"));
     try {
       const result = await post("/inspect", { text: text.value, top_k: Number(topK.value) || 5 },
-                                { signal });
+                                { signal: mine.signal });
       replace(status);
       show(result, { picker, tokensBox, panel });
+      tokensBox.dataset.state = "ready";
     } catch (error) {
       if (error.name !== "AbortError") replace(status, errorBox(error));
     }

@@ -25,10 +25,6 @@ WORDS = {"code": "def f(x):\n    return x + 1\nimport os\nclass A:\n    pass\n",
 ATLAS = [{"text": text * 2, "label": label} for label, text in WORDS.items() for _ in range(3)]
 TIMEOUT_MS = 30_000
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed "
-                               "(the dev extra)")
-
-
 @pytest.fixture(scope="module")
 def ui_server(tmp_path_factory, tiny, fixture_mask):
     """A server of its own (local store) with the fixture mask stored and an atlas built."""
@@ -54,7 +50,9 @@ def ui_server(tmp_path_factory, tiny, fixture_mask):
 def browser():
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium; scripts/setup.sh does)")
-    with sync_api.sync_playwright() as p:
+    from playwright.sync_api import sync_playwright  # the dev extra: a missing one fails
+
+    with sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True)
         yield b
         b.close()
@@ -175,9 +173,13 @@ def test_playground_streams_both_continuations(ui, ui_server, shots):
 def _expert_from_routing(page):
     page.fill("textarea[name=text]", PROMPT)
     page.click("button:has-text('Show routing')")
+    page.wait_for_selector(".tokens[data-state=ready]")
+    page.locator(".token[data-position='2']").focus()  # the keyboard shows a token's experts
+    page.wait_for_selector(".detail h3:has-text('Token 2')")
     token = page.locator(".token[data-position='1']")
     token.hover()
-    page.wait_for_selector(".detail .expert-link")
+    page.wait_for_selector(".detail h3:has-text('Token 1')")
+    assert page.locator(".detail .expert-link").count() == 5  # top_k per routing layer
     token.click()
     assert token.get_attribute("aria-pressed") == "true"
     return page.locator(".detail .expert-link").first
@@ -271,7 +273,9 @@ def test_build_from_typed_examples_with_progress_and_report(ui, ui_server, shots
     rows = page.locator("#report .losses tbody tr")
     assert rows.count() == 2 and "code" in rows.first.inner_text()
     assert page.locator("#draft-experts .layer").count() >= 1  # the built experts in the draft
-    page.screenshot(path=str(shots / "build-report.png"), full_page=True)
+    page.locator("#job").scroll_into_view_if_needed()
+    page.evaluate("document.getElementById('job').scrollIntoView()")
+    page.screenshot(path=str(shots / "build-report.png"))
     with api(ui_server) as c:
         report = c.get(f"/masks/{name}/report").json()
     assert report["kind"] == "domain" and report["provenance"]["target"] == "code"
@@ -314,8 +318,17 @@ def test_phone_width_has_no_horizontal_scroll(ui, ui_server, route, shots):
     page = ui(width=375, height=740).open(route)
     page.wait_for_load_state("networkidle")
     if route == "#/routing":
-        page.wait_for_selector(".token")
+        page.wait_for_selector(".tokens[data-state=ready] .token")
     width = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
     assert width[0] <= width[1] == 375, f"{route}: {width[0]} px wide"
-    if route == "#/playground":
+    # nothing sticks out of the viewport or needs a scroll box of its own (a wide table)
+    wide = page.evaluate("""[...document.querySelectorAll('main *, header *')]
+        .filter((e) => e.getBoundingClientRect().right > innerWidth + 0.5
+                    || e.scrollWidth > e.clientWidth + 1
+                       && getComputedStyle(e).overflowX != 'visible')
+        .map((e) => e.tagName + '.' + e.className)""")
+    assert wide == [], f"{route}: {wide[:5]}"
+    if route == "#/playground":  # the two continuations stack
+        base, masked = (page.locator(f"#{s}").bounding_box() for s in ("unmasked", "masked"))
+        assert masked["y"] >= base["y"] + base["height"] and base["width"] > 300
         page.screenshot(path=str(shots / "phone-playground.png"))
