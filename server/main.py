@@ -9,7 +9,7 @@ from server.engine import Engine
 from server.errors import install_error_handlers
 from server.jobs import ProfileBuilder
 from server.middleware import RequestContext
-from server.routers import experts, generate, inspect, jobs, masks, openai, ops, tokenize
+from server.routers import experts, generate, inspect, jobs, masks, openai, ops, tokenize, ui
 from server.settings import Settings
 from server.state import ServerState, lifespan
 
@@ -29,4 +29,5 @@ def create_app(*, engine: Engine, store: MaskStore, settings: Settings | None = 
     install_error_handlers(app)
     for module in (generate, openai, tokenize, masks, jobs, inspect, experts, ops):
         app.include_router(module.router)
+    ui.install(app)  # /ui: the web page, its assets
     return app
