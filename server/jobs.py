@@ -1,5 +1,9 @@
 """Background jobs (mask profile builds) with progress, one at a time in a worker thread.
 
+The worker thread runs at a lower CPU priority (nice +BUILD_NICENESS, Linux: per thread), and
+so do the OpenMP threads it starts: a build takes the cores the engine leaves idle and gives
+them back at once, rather than sharing them equally with decode steps.
+
 Jobs live in this replica's memory (the most recent `keep`): GET /jobs/{id} must reach the
 replica that accepted the build. The model work is behind the ProfileBuilder protocol, which
 the composition root (monet_cli) implements with the runtime and masks.builders.
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import uuid
 from collections import OrderedDict
@@ -26,6 +31,18 @@ from server.logs import log_event
 __all__ = ["AtlasBuilder", "Job", "JobManager", "ProfileBuilder", "Progress"]
 
 Progress = Callable[[float, str], None]  # (share done in [0, 1], message)
+BUILD_NICENESS = 10  # CFS weight 110 against the engine's 1024: about 10% of a shared core
+
+
+def _lower_priority() -> None:
+    """The calling thread's niceness +BUILD_NICENESS (threads it starts inherit it)."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid)
+                       + BUILD_NICENESS)
+    except (AttributeError, OSError) as e:  # not Linux, or not permitted: run as is
+        log_event("monet.server", "build jobs run at normal priority", level=logging.WARNING,
+                  error=repr(e))
 
 
 class ProfileBuilder(Protocol):
@@ -72,7 +89,8 @@ class JobManager:
         self.keep = keep
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="monet-build")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="monet-build",
+                                        initializer=_lower_priority)
         self._ids = itertools.count(1)
 
     def submit(self, *, kind: str, profile: str, created_by: str,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,7 +140,16 @@ def wait_for(job: dict, gen) -> dict:
     return job
 
 
-def test_build_job_and_report(admin, gen):
+def niceness(pid: int) -> dict[int, int]:
+    """{thread id: niceness} of a process's threads (/proc/PID/task/TID/stat, field 19)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        stat = (task / "stat").read_text()
+        out[int(task.name)] = int(stat[stat.rindex(")") + 2:].split()[16])
+    return out
+
+
+def test_build_job_and_report(admin, gen, server):
     records = code_and_prose(40, seed=0)
     name = unique("built")
     r = admin.post(f"/masks/{name}/build", json={
@@ -157,6 +167,11 @@ def test_build_job_and_report(admin, gen):
     assert report["provenance"]["target"] == "code"
     labels = {l["label"] for l in report["evaluation"]["labels"]}
     assert labels == {"code", "prose"}
+    # The build ran on a worker thread at a lower priority; the engine's and the server's
+    # threads (the main one first) at the process's own.
+    nice = niceness(server.proc.pid)
+    assert nice[server.proc.pid] == 0 and 10 in nice.values(), nice
+    assert sum(n == 10 for n in nice.values()) < len(nice) // 2, nice
     # a composite of the built profile and another
     other = unique("other")
     admin.put(f"/masks/{other}", json={"layers": LAYERS})
