@@ -10,8 +10,10 @@ reads every expert's weights. Here, for one step:
 2. the u projections at those experts only: their rows of u (and bias) read in place by a
    gather-GEMV (`_gather`: Numba loops on the CPU, kernels.sparse_cpu; Triton kernels on CUDA
    for T <= 32, kernels.sparse_triton), else gathered for one GEMM;
-3. mixing as kernels.mix_vd / mix_hd over the n compact experts, masks included (each
-   profile's bitset row remapped to the compact n x n pairs, `compact_table`);
+3. mixing over the n compact experts, masks included: while T n^2 is small (decode), through
+   the explicit composite weights G [T, n, n] (g_ij = sum_h g1 g2, a masked pair's set to 0;
+   the same few products masked or not, `_mix_explicit`); else as kernels.mix_vd / mix_hd
+   (each profile's bitset row remapped to the compact pairs, `compact_table`);
 4. the v projections and the biases as one `embedding_bag` per half over a packed table
    (`pack_vd`: [V11^T; V12^T; b1] and [V21^T; V22^T; b2]; `pack_hd`: [V^T; b]), which reads
    the active experts' rows in place (the same gather-GEMV kernels where they apply).
@@ -30,9 +32,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kernels.mixing import bitset_words, mix_hd, mix_vd
+from kernels.mixing import MixHD, MixVD, bitset_words, mix_hd, mix_vd
 
-__all__ = ["SPARSE_MAX_SHARE", "SPARSE_MIN_EXPERTS", "ActiveExperts", "active_experts",
+__all__ = ["EXPLICIT_MAX_PAIRS", "SPARSE_MAX_SHARE", "SPARSE_MIN_EXPERTS", "ActiveExperts", "active_experts",
            "compact_table", "pack_hd", "pack_vd", "sparse_hd", "sparse_vd", "use_sparse"]
 
 # The sparse path wins while at most this share of the E experts per side is in use, per
@@ -47,6 +49,12 @@ DEFAULT_MAX_SHARE = 0.85
 # D = 128) decoded 12-20% slower on it (batch 1 and 8, float32, three interleaved runs); the
 # release shapes have E = 512.
 SPARSE_MIN_EXPERTS = 256
+# A masked step mixes through the explicit compact weights G [T, n, n] while T n^2 is at most
+# this. Measured on one 850M expert layer (2-core CPU, masked with one profile / 8 mixed):
+# batch 1 (n ~ 50) bf16 2.70 ms against 3.75 factorised, fp32 2.79 against 2.96; batch 2
+# (n ~ 95) 4.1 against 5.3 / 4.4; batch 4 (n ~ 170, T n^2 ~ 1e5) bf16 6.5 against 7.7 but
+# fp32 6.6 against 4.1; from batch 8 the factorised mixing wins (it costs T H k^2, G T n^2).
+EXPLICIT_MAX_PAIRS = 1 << 15
 
 
 class ActiveExperts(NamedTuple):
@@ -105,16 +113,24 @@ def use_sparse(g1_THE, g2_THE, pairs_cache: dict | None, *, dtype: torch.dtype,
     return active
 
 
+def _compact_bits(table_PW: torch.Tensor, active: ActiveExperts, num_experts: int):
+    """[P, n*n] int32: 1 where the profile removes composite expert (side1[r], side2[s])."""
+    nbit = _rows(active, ("nbit", num_experts), lambda: (
+        active.side1[:, None] * num_experts + active.side2[None, :]).reshape(-1))  # [n*n]
+    return (table_PW.index_select(1, nbit >> 5) >> (nbit & 31).int()) & 1
+
+
 def compact_table(table_PW: torch.Tensor, active: ActiveExperts, num_experts: int):
     """The mask table over the compact pairs: bit r*n + s of a row is the bit of composite
     expert (side1[r], side2[s]) of the full table. [P, W] -> [P, bitset_words(n)] int32."""
     P, n = table_PW.shape[0], active.side1.numel()
-    nbit = (active.side1[:, None] * num_experts + active.side2[None, :]).reshape(-1)  # [n*n]
-    bits = (table_PW.index_select(1, nbit >> 5) >> (nbit & 31).int()) & 1  # [P, n*n]
+    bits = _compact_bits(table_PW, active, num_experts)  # [P, n*n]
     words = bitset_words(n)
-    bits = F.pad(bits.long(), (0, 32 * words - n * n)).view(P, words, 32)
-    packed = (bits << torch.arange(32, device=bits.device)).sum(-1)  # [P, words] in [0, 2^32)
-    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+    bits = F.pad(bits, (0, 32 * words - n * n)).view(P, words, 32)
+    # distinct powers of two add without carries: the int32 sum is the word's bit pattern
+    # (bit 31 wraps to the sign, as the table's own int32 words)
+    shifts = torch.arange(32, dtype=torch.int32, device=bits.device)
+    return (bits << shifts).sum(-1, dtype=torch.int32)
 
 
 def _mask(mask, active: ActiveExperts, num_experts: int):
@@ -122,6 +138,45 @@ def _mask(mask, active: ActiveExperts, num_experts: int):
         return None, None
     table_PW, profile_T = mask
     return compact_table(table_PW, active, num_experts), profile_T
+
+
+def _explicit(active: ActiveExperts, mask) -> bool:
+    """Mix through G: for a masked step of decode size (unmasked, the factorised mixing is
+    as fast; past EXPLICIT_MAX_PAIRS, faster either way)."""
+    T, _, n = active.g1.shape
+    return mask is not None and T * n * n <= EXPLICIT_MAX_PAIRS
+
+
+def _weights(active: ActiveExperts, dtype: torch.dtype, mask, num_experts: int):
+    """G [T, n, n] float32: g_ij = sum_h g1[h, i] g2[h, j] at the compact experts, g rounded
+    to the activations' dtype first (as the factorised mixing), and 0 at the pairs the
+    token's profile removes (so a removed expert adds exactly nothing)."""
+    G = _rows(active, ("G", dtype), lambda: torch.bmm(
+        active.g1.to(dtype).float().transpose(1, 2), active.g2.to(dtype).float()))
+    if mask is None:
+        return G
+    table_PW, profile_T = mask
+    T, n, _ = G.shape
+    keep_PNN = (1 - _compact_bits(table_PW, active, num_experts)).view(-1, n, n)
+    keep_PNN = torch.cat((keep_PNN.new_ones(1, n, n), keep_PNN))  # row 0: no profile (-1)
+    return G * keep_PNN.index_select(0, profile_T.long() + 1)
+
+
+def _mix_explicit_vd(a_TnM, b_TnM, G_Tnn) -> MixVD:
+    """VD mixing through G: x11 = a c1, x12_i = sum_j G_ij b_j, x21_j = sum_i G_ij a_i,
+    x22 = b c2, c1 = G 1, c2 = G^T 1 (float32)."""
+    T = a_TnM.shape[0]
+    a, b = a_TnM.float(), b_TnM.float()
+    c1, c2 = G_Tnn.sum(2), G_Tnn.sum(1)
+    return MixVD((a * c1[..., None]).view(T, -1), torch.bmm(G_Tnn, b).view(T, -1),
+                 torch.bmm(G_Tnn.transpose(1, 2), a).view(T, -1),
+                 (b * c2[..., None]).view(T, -1), c1, c2)
+
+
+def _mix_explicit_hd(x_TnM, G_Tnn) -> MixHD:
+    """HD mixing through G: x_j = sum_i G_ij x_i, c2 = G^T 1 (float32)."""
+    T = x_TnM.shape[0]
+    return MixHD(torch.bmm(G_Tnn.transpose(1, 2), x_TnM.float()).view(T, -1), G_Tnn.sum(1))
 
 
 def pack_vd(v_a: torch.Tensor, v_b: torch.Tensor, bias_ED: torch.Tensor) -> torch.Tensor:
@@ -205,7 +260,11 @@ def sparse_vd(y_TD, active: ActiveExperts, u1, u2, first_RD, second_RD, mask=Non
     M = EM // E
     a = _u(y_TD, *u1, active.side1, active.g1, M)
     b = _u(y_TD, *u2, active.side2, active.g2, M)
-    mix = mix_vd(a, b, active.g1, active.g2, *_mask(mask, active, E), pairs_cache=active.cache)
+    if _explicit(active, mask):
+        mix = _mix_explicit_vd(a, b, _weights(active, a.dtype, mask, E))
+    else:
+        mix = mix_vd(a, b, active.g1, active.g2, *_mask(mask, active, E),
+                     pairs_cache=active.cache)
     starts = (0, E * M, 2 * E * M)
     rows1 = _rows(active, ("vd1", M, E), lambda: _expert_rows(active.side1, M, starts, E))
     rows2 = _rows(active, ("vd2", M, E), lambda: _expert_rows(active.side2, M, starts, E))
@@ -221,6 +280,10 @@ def sparse_hd(y_TD, active: ActiveExperts, u, table_RD, mask=None):
     E = table_RD.shape[0] - EM
     M = EM // E
     x = _u(y_TD, *u, active.side1, active.g1, M)
-    mix = mix_hd(x, active.g1, active.g2, *_mask(mask, active, E), pairs_cache=active.cache)
+    if _explicit(active, mask):
+        mix = _mix_explicit_hd(x, _weights(active, x.dtype, mask, E))
+    else:
+        mix = mix_hd(x, active.g1, active.g2, *_mask(mask, active, E),
+                     pairs_cache=active.cache)
     rows = _rows(active, ("hd", M, E), lambda: _expert_rows(active.side2, M, (0, EM), E))
     return _bag(table_RD, rows, torch.cat((mix.x, mix.c2), 1)).to(y_TD.dtype)

@@ -29,6 +29,15 @@ from kernels.sparse import compact_table
 EMPTY, FULL = 1, 2
 
 
+@pytest.fixture(params=["explicit", "factorised"])
+def mixing(request, monkeypatch):
+    """Both ways of mixing over the compact experts: through the explicit weights G (decode
+    sizes) and the factorised kernels.mix_vd / mix_hd (larger steps)."""
+    limit = 1 << 62 if request.param == "explicit" else 0
+    monkeypatch.setattr(kernels.sparse, "EXPLICIT_MAX_PAIRS", limit)
+    return request.param
+
+
 def mask_of(E, T, *, seed, profile=None):
     masks = random_masks(4, E, density=0.3, seed=seed)
     masks[EMPTY], masks[FULL] = False, True
@@ -106,7 +115,7 @@ SHAPES = [  # T, H, E, M, D
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_sparse_layer_equals_the_naive_layer(shape, masked, dtype, vertical):
+def test_sparse_layer_equals_the_naive_layer(shape, masked, dtype, vertical, mixing):
     check(*shape, vertical=vertical, dtype=dtype, masked=masked, seed=sum(shape))
 
 
@@ -166,7 +175,7 @@ def test_gather_primitives_by_device_dtype_and_step_size(device):
 
 @pytest.mark.parametrize("vertical", [True, False], ids=["VD", "HD"])
 @pytest.mark.parametrize("profile", [EMPTY, FULL], ids=["empty-mask", "full-mask"])
-def test_empty_and_full_masks(profile, vertical):
+def test_empty_and_full_masks(profile, vertical, mixing):
     got, want = check(5, 2, 24, 2, 8, vertical=vertical, dtype=torch.float32, masked=True,
                       seed=3, profile=profile)
     if profile == FULL:  # every composite expert removed: nothing is left but rounding
@@ -174,12 +183,22 @@ def test_empty_and_full_masks(profile, vertical):
 
 
 @pytest.mark.parametrize("vertical", [True, False], ids=["VD", "HD"])
-def test_every_token_on_one_expert(vertical):
+def test_every_token_on_one_expert(vertical, mixing):
     T, H, E = 6, 3, 40
     g = (one_expert_weights(T, H, E, 7), one_expert_weights(T, H, E, 11))
     check(T, H, E, 2, 8, vertical=vertical, dtype=torch.float32, masked=True, seed=5, g=g)
     active = active_experts(*g)
     assert active.side1.tolist() == [7] and active.side2.tolist() == [11]
+
+
+def test_masked_decode_steps_mix_through_the_explicit_weights():
+    """At the 850M shape (E = 512, H = 6, k = 8) a masked batch-1 step (about 50 experts per
+    side) mixes through G; batch 8 (most of the experts) and unmasked steps factorised."""
+    mask = (torch.zeros(1, kernels.bitset_words(512), dtype=torch.int32), torch.zeros(1))
+    for T, explicit in ((1, True), (8, False)):
+        g = (router_weights(T, 6, 512, seed=T), router_weights(T, 6, 512, seed=T + 99))
+        assert kernels.sparse._explicit(active_experts(*g), mask) is explicit, T
+        assert not kernels.sparse._explicit(active_experts(*g), None)
 
 
 def test_active_experts_pads_both_sides_to_one_count_with_zero_weight():
