@@ -11,11 +11,18 @@ achieved GB/s, the share of a step per part, and (--threshold) the sparse/dense 
 expert layer against the share of experts in use.
 
     python benchmarks/bench_release.py --shape 850M --dtype bf16
+    python benchmarks/bench_release.py --checkpoint DIR --engine vllm   # the vLLM engine
+
+--engine vllm measures the same decode through the vLLM engine (server.engine requests,
+greedy, eos ignored, the B requests submitted at once; time per output token from each
+request's first token to its last), once with the expert layers on the sparse path and once
+dense on vLLM's linear layers (VllmEngine(sparse_experts=False)), one engine after the other.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import platform
 import resource
@@ -169,6 +176,67 @@ def threshold(model, dtype) -> None:
     layer.moe.sparse_max_share = None
 
 
+async def vllm_decode(engine, prompts, new_tokens: int, masks) -> float:
+    """Seconds per decode step of B requests at once (first token to last, median row)."""
+    from server.engine import EngineRequest, MaskSpec, Sampling
+
+    sampling = Sampling(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    specs = [None if m is None else MaskSpec(f"bench{id(m)}@1#{id(m)}", m) for m in masks]
+
+    async def one(n, prompt, spec):
+        stamps = []
+        async for _ in engine.stream(EngineRequest(f"b{n}-{time.perf_counter()}", prompt,
+                                                   sampling, spec)):
+            stamps.append(time.perf_counter())
+        return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+    steps = await asyncio.gather(*(one(n, p, s) for n, (p, s) in enumerate(zip(prompts, specs))))
+    return statistics.median(steps)
+
+
+def run_vllm(args, ckpt: Path) -> None:
+    from monet_runtime import MonetConfig
+    from monet_runtime.vllm_engine import VllmEngine
+
+    cfg = MonetConfig.from_file(ckpt)
+    mask_list = masks_for(cfg, seed=1, count=8)
+    gen = torch.Generator().manual_seed(0)
+    dtype = {"bf16": "bfloat16", "fp32": "float32"}[args.dtype]
+    rows = []
+    for path, sparse in (("sparse", True), ("dense", False)):
+        t0 = time.perf_counter()
+        engine = VllmEngine(ckpt, dtype=dtype, max_num_seqs=max(args.batches), mask_slots=8,
+                            kv_cache_bytes=1 << 30, enable_prefix_caching=False,
+                            sparse_experts=sparse)
+        print(f"vLLM engine ({path} experts) started in {time.perf_counter() - t0:.0f} s",
+              flush=True)
+        loop = asyncio.new_event_loop()
+        try:
+            for B in args.batches:
+                prompts = torch.randint(3, cfg.vocab_size, (B, args.prompt), generator=gen)
+                prompts = prompts.tolist()
+                cases = {"unmasked": [None] * B, "one": [mask_list[0]] * B,
+                         "mixed": [mask_list[b % 8] for b in range(B)]}
+                loop.run_until_complete(vllm_decode(engine, prompts, 4, cases["mixed"]))
+                times: dict = {}
+                for _ in range(args.repeats):
+                    for case in args.cases:
+                        times.setdefault(case, []).append(loop.run_until_complete(
+                            vllm_decode(engine, prompts, args.new_tokens, cases[case])))
+                for case, ts in times.items():
+                    step = statistics.median(ts)
+                    rows.append((B, path, case, B / step, step * 1e3))
+        finally:
+            loop.run_until_complete(engine.shutdown())
+            loop.close()
+    print("\n| batch | experts | masks | tok/s | ms / token |\n|---|---|---|---|---|")
+    dense = {(r[0], r[2]): r[3] for r in rows if r[1] == "dense"}
+    unmasked = {(r[0], r[1]): r[3] for r in rows if r[2] == "unmasked"}
+    for B, path, case, tps, ms in sorted(rows, key=lambda r: (r[0], r[1] != "sparse")):
+        print(f"| {B} | {path} | {case} | {tps:.1f} ({tps / dense[(B, case)]:.2f}x dense, "
+              f"{unmasked[(B, path)] / tps:.2f} of unmasked) | {ms:.1f} |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="850M")
@@ -181,6 +249,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cases", nargs="+", default=["unmasked", "one", "mixed"])
     p.add_argument("--threshold", action="store_true", help="also the sparse/dense threshold")
+    p.add_argument("--engine", choices=["runtime", "vllm"], default="runtime")
     args = p.parse_args()
     dtype = DTYPES[args.dtype]
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
@@ -195,7 +264,10 @@ def main() -> None:
                                 dtype=dtype)
         print(f"wrote the checkpoint in {time.perf_counter() - t0:.0f} s")
     try:
-        run(args, ckpt, dtype)
+        if args.engine == "vllm":
+            run_vllm(args, ckpt)
+        else:
+            run(args, ckpt, dtype)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp)

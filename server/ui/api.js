@@ -41,13 +41,8 @@ async function failure(response) {
   return error;
 }
 
-// fetch, then the JSON body; a non-2xx status throws ApiError. Returns {data, response}.
-export async function call(method, path, { body, headers: extra, signal } = {}) {
-  const init = { method, headers: headers(extra), signal };
-  if (body !== undefined) {
-    init.body = JSON.stringify(body);
-    init.headers["Content-Type"] = "application/json";
-  }
+// fetch; no answer or a non-2xx status throws ApiError (an abort stays an AbortError).
+async function send(path, init) {
   let response;
   try {
     response = await fetch(path, init);
@@ -56,6 +51,17 @@ export async function call(method, path, { body, headers: extra, signal } = {}) 
     throw new ApiError(0, `the server did not answer (${e.message})`);
   }
   if (!response.ok) throw await failure(response);
+  return response;
+}
+
+// fetch, then the JSON body; a non-2xx status throws ApiError. Returns {data, response}.
+export async function call(method, path, { body, headers: extra, signal } = {}) {
+  const init = { method, headers: headers(extra), signal };
+  if (body !== undefined) {
+    init.body = JSON.stringify(body);
+    init.headers["Content-Type"] = "application/json";
+  }
+  const response = await send(path, init);
   const text = await response.text();
   return { data: text ? JSON.parse(text) : null, response };
 }
@@ -69,14 +75,7 @@ export async function stream(path, body, { onOpen, onChunk, signal } = {}) {
   const init = { method: "POST", signal, body: JSON.stringify(body),
                  headers: headers({ "Content-Type": "application/json",
                                     Accept: "text/event-stream" }) };
-  let response;
-  try {
-    response = await fetch(path, init);
-  } catch (e) {
-    if (e.name === "AbortError") throw e;
-    throw new ApiError(0, `the server did not answer (${e.message})`);
-  }
-  if (!response.ok) throw await failure(response);
+  const response = await send(path, init);
   if (onOpen) onOpen(response);
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
