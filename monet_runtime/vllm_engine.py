@@ -46,7 +46,7 @@ from monet_runtime.serving import (
     check_prompt,
     invalid_request,
 )
-from monet_runtime.vllm_keys import CAPTURE_KEY, MASK_KEY, MASK_SLOTS_KEY
+from monet_runtime.vllm_keys import CAPTURE_KEY, MASK_KEY, MASK_SLOTS_KEY, SPARSE_KEY
 
 __all__ = ["DEFAULT_CPU_KV_CACHE_BYTES", "EngineOutput", "VllmEngine", "tcmalloc_library",
            "vllm_sampling"]
@@ -135,8 +135,9 @@ class VllmEngine:
     prompt plus generated tokens (default: the model's positions); kv_cache_bytes: the KV
     cache's size (default 1 GiB on CPU; on a GPU, gpu_memory_utilization's share of its
     memory unless given); mask_slots: distinct profiles running at once (P); compiled:
-    torch.compile and CUDA graphs instead of eager mode. Other keywords go to vLLM's
-    AsyncEngineArgs.
+    torch.compile and CUDA graphs instead of eager mode; sparse_experts False: the expert
+    layers stay dense on vLLM's linear layers (the authors' computation, for benchmarks; see
+    monet_runtime.vllm_model). Other keywords go to vLLM's AsyncEngineArgs.
     """
 
     def __init__(self, model_path: str | Path, *, name: str = "monet", dtype: str = "float32",
@@ -144,7 +145,7 @@ class VllmEngine:
                  host_profiles: int = 64, kv_cache_bytes: int | None = None,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float | None = None,
                  compiled: bool = False, enable_prefix_caching: bool = True,
-                 **engine_args: Any):
+                 sparse_experts: bool = True, **engine_args: Any):
         # The per-row hook (a V1 logits processor) needs the V1 model runner.
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         if tensor_parallel_size == 1:
@@ -186,7 +187,7 @@ class VllmEngine:
             max_num_seqs=max_num_seqs, max_model_len=max_model_len,
             tensor_parallel_size=tensor_parallel_size, enforce_eager=not compiled,
             enable_prefix_caching=enable_prefix_caching,
-            hf_overrides={MASK_SLOTS_KEY: mask_slots},
+            hf_overrides={MASK_SLOTS_KEY: mask_slots, SPARSE_KEY: sparse_experts},
             logits_processors=["monet_runtime.vllm_profiles:MaskProfileRows"],
             worker_extension_cls="monet_runtime.vllm_profiles.MonetWorkerExtension",
             kv_cache_memory_bytes=kv_cache_bytes,

@@ -1,10 +1,14 @@
 """MONET as a vLLM model (V1 engine), registered by the `vllm.general_plugins` entry point.
 
 The block's math is monet_runtime.model's: its DecoderLayer and layer loop
-(run_decoder_layers), with the router and expert modules' projections swapped for vLLM's
-ReplicatedLinear (the same parameters and names, run by vLLM's linear methods: on CPU oneDNN
-with prepacked weights, 1.5-1.9x torch's F.linear at decode sizes; quantization for the expert
-projections). Attention is vLLM's (QKV / row-parallel projections, paged attention, its rotary
+(run_decoder_layers), with the router's projections swapped for vLLM's ReplicatedLinear (the
+same parameters and names, run by vLLM's linear methods: on CPU oneDNN with prepacked weights,
+1.5-1.9x torch's F.linear at decode sizes). The expert layers are the runtime's, sparse path
+included (kernels.sparse: a decode step reads only the experts its tokens use, about 10% at
+batch 1), on the CPU from kernels.sparse.SPARSE_MIN_EXPERTS experts per side; elsewhere, with a
+quantization config, or with hf_overrides SPARSE_KEY False, their projections are
+ReplicatedLinear too and stay dense (vLLM's CPU linear methods drop the plain weights that the
+sparse path reads in place, and CUDA graphs need the dense path's fixed shapes). Attention is vLLM's (QKV / row-parallel projections, paged attention, its rotary
 embedding), so tensor parallelism shards the attention heads; every rank holds all the expert
 and router weights (replicated, no all-reduce: each rank computes the same MoE output), which
 keeps the factorised mixing over all E experts per side local to one device.
@@ -46,12 +50,13 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
 
 import kernels
+from kernels.sparse import SPARSE_MIN_EXPERTS
 from monet_runtime.config import MonetConfig
 from monet_runtime.model import DecoderLayer, RMSNorm, run_decoder_layers
-from monet_runtime.vllm_keys import DEFAULT_MASK_SLOTS, MASK_SLOTS_KEY
+from monet_runtime.vllm_keys import DEFAULT_MASK_SLOTS, MASK_SLOTS_KEY, SPARSE_KEY
 from monet_runtime.vllm_profiles import MaskSlots
 
-__all__ = ["MonetForCausalLM", "MonetHFConfig", "register"]
+__all__ = ["MonetForCausalLM", "MonetHFConfig", "register", "sparse_experts"]
 
 
 class MonetHFConfig(PretrainedConfig):
@@ -174,18 +179,28 @@ def _attention_head_dim(head_dim: int) -> int:
     return head_dim if head_dim in sizes else next(s for s in sizes if s >= head_dim)
 
 
+def sparse_experts(config: MonetConfig, *, quant_config: QuantizationConfig | None,
+                   wanted: bool = True) -> bool:
+    """Whether the expert layers take the runtime's sparse path (see the module docstring)."""
+    from vllm.platforms import current_platform
+
+    return (wanted and quant_config is None and current_platform.is_cpu()
+            and config.moe_experts >= SPARSE_MIN_EXPERTS)
+
+
 def monet_decoder_layer(config: MonetConfig, layer: int, *, cache_config: CacheConfig | None,
-                        quant_config: QuantizationConfig | None, prefix: str) -> DecoderLayer:
-    """monet_runtime.model's DecoderLayer on vLLM's layers: vLLM's attention, and the experts'
-    and router's projections on ReplicatedLinear (the router unquantised: its threshold decides
-    which experts run at all; its BatchNorm statistics float32, as in the release)."""
+                        quant_config: QuantizationConfig | None, prefix: str,
+                        sparse: bool) -> DecoderLayer:
+    """monet_runtime.model's DecoderLayer on vLLM's layers: vLLM's attention, the router's
+    projections on ReplicatedLinear (unquantised: its threshold decides which experts run at
+    all; its BatchNorm statistics float32, as in the release), and the experts' too unless
+    `sparse` (then the runtime's, which pick the sparse or the dense path per step)."""
     block = DecoderLayer(config, layer, attention=MonetAttention(
         config, cache_config=cache_config, quant_config=quant_config,
         prefix=maybe_prefix(prefix, "self_attn")))
-    _with_vllm_linears(block.moe, quant_config, maybe_prefix(prefix, "moe"))
-    # The dense path: on the CPU vLLM's linear methods prepack u and v for oneDNN and drop
-    # the plain weights that the sparse path (kernels.sparse) reads in place.
-    block.moe.sparse_max_share = 0.0
+    if not sparse:
+        _with_vllm_linears(block.moe, quant_config, maybe_prefix(prefix, "moe"))
+        block.moe.sparse_max_share = 0.0
     if block.router is not None:
         _with_vllm_linears(block.router, None, maybe_prefix(prefix, "router"))
         block.router.norm1.float()
@@ -211,10 +226,12 @@ class MonetModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
                                                    prefix=maybe_prefix(prefix, "embed_tokens"))
+        sparse = sparse_experts(config, quant_config=vllm_config.quant_config, wanted=bool(
+            getattr(vllm_config.model_config.hf_config, SPARSE_KEY, True)))
         self.layers = nn.ModuleList(
             monet_decoder_layer(config, l, cache_config=vllm_config.cache_config,
                                 quant_config=vllm_config.quant_config,
-                                prefix=maybe_prefix(prefix, f"layers.{l}"))
+                                prefix=maybe_prefix(prefix, f"layers.{l}"), sparse=sparse)
             for l in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

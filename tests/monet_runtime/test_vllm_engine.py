@@ -90,15 +90,18 @@ def test_mixed_batch_matches_runtime_alone(served):
                for p, pr, out in zip(batch, profiles, outs) if pr is not None)
 
 
-def test_router_and_expert_projections_run_on_vllm_linear_layers(served):
-    """vLLM's linear methods (oneDNN on CPU), not torch's nn.Linear, for every projection."""
+def test_router_on_vllm_linears_experts_on_the_sparse_path(served):
+    """The router's projections run on vLLM's linear methods (oneDNN on CPU); the expert
+    layers (E = 512 >= kernels.sparse.SPARSE_MIN_EXPERTS) keep torch's nn.Linear weights, which
+    the sparse path reads in place (test_mixed_batch_matches_runtime_alone checks its tokens)."""
     engine, model, loop = served
     (types,) = run(loop, engine._llm.collective_rpc("monet_module_types"))[0]
     c = model.config
     per_layer = 6 if c.vertical else 2  # u1 u2 v11 v12 v21 v22, or u v
     routers = sum(map(c.is_routing_layer, range(c.num_hidden_layers)))
-    assert "Linear" not in types
-    assert types["ReplicatedLinear"] == per_layer * c.num_hidden_layers + 2 * routers
+    assert types["Linear"] == per_layer * c.num_hidden_layers
+    assert types["ReplicatedLinear"] == 2 * routers
+    assert types["VerticalExperts" if c.vertical else "HorizontalExperts"] == c.num_hidden_layers
 
 
 def test_vllm_layers_are_named_by_their_module_paths(served):
@@ -110,7 +113,8 @@ def test_vllm_layers_are_named_by_their_module_paths(served):
     u = "u1" if model.config.vertical else "u"
     last = f"model.layers.{L - 1}"
     assert {"model.embed_tokens", "lm_head", "model.layers.0.router.w1",
-            f"{last}.self_attn.attn", f"{last}.moe.{u}"} <= set(prefixes)
+            f"{last}.self_attn.attn"} <= set(prefixes)
+    assert f"{last}.moe.{u}" not in prefixes  # the sparse path's plain nn.Linear weights
     assert {path: path for path in prefixes} == prefixes
     assert names["forward_context"] == sorted(
         ["mask_slots", *(f"model.layers.{l}.self_attn.attn" for l in range(L))])
