@@ -280,8 +280,10 @@ def run(args, ckpt: Path, dtype) -> None:
     model = load_model(ckpt, dtype=dtype, tokenizer=False)
     load_s = time.perf_counter() - t0
     rss = peak_rss_gb()
-    print(f"load {load_s:.1f} s; peak RSS {rss:.2f} GiB ({rss - rss0:.2f} over the "
-          f"{rss0:.2f} before) for a {size:.2f} GiB checkpoint: {rss / size:.2f}x")
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**30
+    print(f"load {load_s:.1f} s; peak RSS {rss:.2f} GiB, {rss - rss0:.2f} over the {rss0:.2f} "
+          f"before: {(rss - rss0) / weights:.2f}x the weights in memory ({weights:.2f} GiB; "
+          f"the checkpoint {size:.2f} GiB)")
     bandwidth = read_bandwidth_gbs()
     print(f"streaming read bandwidth: {bandwidth:.1f} GB/s")
     cfg = model.config
