@@ -237,6 +237,41 @@ def run_vllm(args, ckpt: Path) -> None:
               f"{unmasked[(B, path)] / tps:.2f} of unmasked) | {ms:.1f} |", flush=True)
 
 
+def parity(args, ckpt: Path, *, prompts: int = 4, tokens: int = 24) -> None:
+    """Greedy tokens of the vLLM engine against the runtime's (each request alone), float32;
+    at a divergence, the runtime's gap between its top two logits there (a near-tie when tiny)."""
+    from monet_runtime import GenerationRequest, SamplingParams, generate_batch
+    from monet_runtime.vllm_engine import VllmEngine
+    from server.engine import EngineRequest, Sampling
+
+    model = load_model(ckpt, dtype=torch.float32, tokenizer=False)
+    gen = torch.Generator().manual_seed(1)
+    batch = torch.randint(3, model.config.vocab_size, (prompts, args.prompt), generator=gen)
+    params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
+    want = [generate_batch(model, [GenerationRequest(p, params)])[0].token_ids
+            for p in batch.tolist()]
+    engine = VllmEngine(ckpt, dtype="float32", max_num_seqs=prompts, kv_cache_bytes=1 << 30,
+                        enable_prefix_caching=False)
+    loop = asyncio.new_event_loop()
+    sampling = Sampling(max_tokens=tokens, temperature=0, ignore_eos=True)
+    try:
+        got = [loop.run_until_complete(engine.generate(EngineRequest(f"p{n}", p, sampling)))
+               .token_ids for n, p in enumerate(batch.tolist())]
+    finally:
+        loop.run_until_complete(engine.shutdown())
+        loop.close()
+    for n, (p, a, b) in enumerate(zip(batch.tolist(), want, got)):
+        at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if at is None:
+            print(f"prompt {n}: the {tokens} greedy tokens agree")
+            continue
+        with torch.no_grad():
+            logits = model(torch.tensor([p + a[:at]])).logits[0, -1]
+        top = logits.topk(2).values
+        print(f"prompt {n}: first difference at token {at} (runtime {a[at]}, vLLM {b[at]}); "
+              f"the runtime's top-2 logit gap there {float(top[0] - top[1]):.2e}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="850M")
@@ -250,6 +285,8 @@ def main() -> None:
     p.add_argument("--cases", nargs="+", default=["unmasked", "one", "mixed"])
     p.add_argument("--threshold", action="store_true", help="also the sparse/dense threshold")
     p.add_argument("--engine", choices=["runtime", "vllm"], default="runtime")
+    p.add_argument("--parity", action="store_true",
+                   help="only the vLLM engine's greedy tokens against the runtime's (float32)")
     args = p.parse_args()
     dtype = DTYPES[args.dtype]
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
@@ -264,7 +301,9 @@ def main() -> None:
                                 dtype=dtype)
         print(f"wrote the checkpoint in {time.perf_counter() - t0:.0f} s")
     try:
-        if args.engine == "vllm":
+        if args.parity:
+            parity(args, ckpt)
+        elif args.engine == "vllm":
             run_vllm(args, ckpt)
         else:
             run(args, ckpt, dtype)
