@@ -14,6 +14,7 @@ import math
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -79,8 +80,17 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16,
            "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def _header(file: Path, f) -> tuple[int, dict]:
-    """(offset of the data, {name: entry}) of an open safetensors file, checked."""
+class _Entry(NamedTuple):
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # byte offsets in the data section
+    end: int
+
+
+def _header(file: Path, f) -> tuple[int, dict[str, _Entry]]:
+    """(offset of the data, {name: entry}) of an open safetensors file. Every entry is checked
+    here, before anything is read: a known dtype, dimensions >= 0, and an extent of exactly the
+    bytes its shape needs inside the file."""
     size = file.stat().st_size
     raw = f.read(8)
     if len(raw) < 8:
@@ -95,45 +105,47 @@ def _header(file: Path, f) -> tuple[int, dict]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{file}: safetensors header is not an object")
     header.pop("__metadata__", None)
-    return 8 + n, header
+    start, entries = 8 + n, {}
+    for name, entry in header.items():
+        try:
+            dtype = _DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{file}: tensor {name} has a bad header entry ({e!r})"
+                                  ) from None
+        nbytes = math.prod(shape) * dtype.itemsize
+        if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != nbytes \
+                or start + end > size:
+            raise CheckpointError(f"{file}: tensor {name} has {end - begin} bytes at {begin}, "
+                                  f"its shape {list(shape)} and dtype need {nbytes} inside the "
+                                  "file")
+        entries[name] = _Entry(dtype, shape, begin, end)
+    return start, entries
 
 
 def _shapes(file: Path) -> dict[str, tuple[int, ...]]:
     with open(file, "rb") as f:
-        _, header = _header(file, f)
-    try:
-        return {name: tuple(int(d) for d in entry["shape"]) for name, entry in header.items()}
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{file}: bad safetensors header entry ({e!r})") from None
+        _, entries = _header(file, f)
+    return {name: entry.shape for name, entry in entries.items()}
 
 
-def _read(file: Path, f, start: int, name: str, entry, target, scratch: list) -> torch.Tensor:
-    """One tensor read into a new CPU tensor of dtype target(stored dtype) (no memory map), its
-    extent checked. Read straight into it when the dtype is the stored one; else into a scratch
-    buffer reused across tensors, then converted (a fresh buffer per tensor would stay in the
-    process's heap after it is freed: 1.3x the model's size loading bf16 as float32)."""
-    try:
-        dtype = _DTYPES[entry["dtype"]]
-        shape = [int(d) for d in entry["shape"]]
-        begin, end = (int(o) for o in entry["data_offsets"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{file}: tensor {name} has a bad header entry ({e!r})") from None
-    want = target(dtype)
-    numel = math.prod(shape)
-    nbytes = numel * dtype.itemsize
-    if end - begin != nbytes or begin < 0 or start + end > file.stat().st_size:
-        raise CheckpointError(f"{file}: tensor {name} has {end - begin} bytes at {begin}, its "
-                              f"shape {shape} and dtype need {nbytes} inside the file")
-    if want == dtype:
-        tensor = raw = torch.empty(shape, dtype=dtype)
+def _read(f, start: int, entry: _Entry, want: torch.dtype, scratch: list) -> torch.Tensor:
+    """One tensor read into a new CPU tensor of dtype `want` (no memory map): straight into it
+    when that is the stored dtype; else into a scratch buffer reused across tensors, then
+    converted (a fresh buffer per tensor would stay in the process's heap after it is freed:
+    1.3x the model's size loading bf16 as float32)."""
+    nbytes = entry.end - entry.begin
+    if want == entry.dtype:
+        raw = torch.empty(entry.shape, dtype=entry.dtype)
     else:
         if scratch[0].numel() < nbytes:
             scratch[0] = torch.empty(nbytes, dtype=torch.uint8)
-        raw = scratch[0][:nbytes].view(dtype).view(shape)
-    f.seek(start + begin)
+        raw = scratch[0][:nbytes].view(entry.dtype).view(entry.shape)
+    f.seek(start + entry.begin)
     if nbytes and f.readinto(memoryview(raw.view(-1).view(torch.uint8).numpy())) != nbytes:
-        raise CheckpointError(f"{file}: tensor {name} is truncated")
-    return tensor if want == dtype else raw.to(want)
+        raise CheckpointError(f"{f.name}: a tensor is truncated")
+    return raw if want == entry.dtype else raw.to(want)
 
 
 def _iter_tensors(files: dict[str, Path], names,
@@ -146,15 +158,13 @@ def _iter_tensors(files: dict[str, Path], names,
     scratch = [torch.empty(0, dtype=torch.uint8)]
     for file, wanted in by_file.items():
         with open(file, "rb", buffering=0) as f:
-            start, header = _header(file, f)
-            missing = [n for n in wanted if n not in header]
+            start, entries = _header(file, f)
+            missing = [n for n in wanted if n not in entries]
             if missing:
                 raise CheckpointError(f"{file} lacks tensors its index names: {missing[:10]}")
-            wanted.sort(key=lambda n: header[n].get("data_offsets", [0])[0]
-                        if isinstance(header[n], dict) else 0)
-            for name in wanted:
-                yield name, _read(file, f, start, name, header[name],
-                                  lambda dtype, name=name: target(name, dtype), scratch)
+            for name in sorted(wanted, key=lambda n: entries[n].begin):
+                entry = entries[name]
+                yield name, _read(f, start, entry, target(name, entry.dtype), scratch)
 
 
 def load_model(

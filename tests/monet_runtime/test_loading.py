@@ -164,7 +164,8 @@ def test_loading_peak_memory_is_about_the_model_size(tmp_path):
     print(f"load + decode: peak RSS grew {grown / size:.2f}x the model's {size / 1e6:.0f} MB")
 
 
-@pytest.mark.parametrize("damage", ["truncated", "header", "offsets", "dtype"])
+@pytest.mark.parametrize("damage", ["truncated", "header", "offsets", "dtype", "negative",
+                                    "offsets-type"])
 def test_damaged_weight_file(ckpt, damage):
     """A damaged safetensors file is a CheckpointError naming the file, never garbage."""
     file = ckpt / "model.safetensors"
@@ -179,6 +180,13 @@ def test_damaged_weight_file(ckpt, damage):
     else:
         if damage == "offsets":
             header[name]["data_offsets"][1] += 4
+        elif damage == "negative":  # a negative dimension, and an extent of -4 bytes to match
+            last = max((k for k in header if k != "__metadata__"),
+                       key=lambda k: header[k]["data_offsets"][0])
+            begin = header[last]["data_offsets"][0]
+            header[last].update(dtype="F32", shape=[-1], data_offsets=[begin, begin - 4])
+        elif damage == "offsets-type":
+            header[name]["data_offsets"] = 7
         else:
             header[name]["dtype"] = "Q99"
         text = json.dumps(header).encode()
