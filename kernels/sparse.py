@@ -34,8 +34,9 @@ import torch.nn.functional as F
 
 from kernels.mixing import MixHD, MixVD, bitset_words, mix_hd, mix_vd
 
-__all__ = ["EXPLICIT_MAX_PAIRS", "SPARSE_MAX_SHARE", "SPARSE_MIN_EXPERTS", "ActiveExperts", "active_experts",
-           "compact_table", "pack_hd", "pack_vd", "sparse_hd", "sparse_vd", "use_sparse"]
+__all__ = ["EXPLICIT_MAX_PAIRS", "SPARSE_MAX_SHARE", "SPARSE_MIN_EXPERTS", "ActiveExperts",
+           "active_experts", "compact_table", "pack_hd", "pack_vd", "sparse_hd", "sparse_vd",
+           "use_sparse"]
 
 # The sparse path wins while at most this share of the E experts per side is in use, per
 # activation dtype. Measured on one 850M expert layer (benchmarks/bench_release.py

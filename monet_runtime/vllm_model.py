@@ -8,10 +8,11 @@ included (kernels.sparse: a decode step reads only the experts its tokens use, a
 batch 1), on the CPU from kernels.sparse.SPARSE_MIN_EXPERTS experts per side; elsewhere, with a
 quantization config, or with hf_overrides SPARSE_KEY False, their projections are
 ReplicatedLinear too and stay dense (vLLM's CPU linear methods drop the plain weights that the
-sparse path reads in place, and CUDA graphs need the dense path's fixed shapes). Attention is vLLM's (QKV / row-parallel projections, paged attention, its rotary
-embedding), so tensor parallelism shards the attention heads; every rank holds all the expert
-and router weights (replicated, no all-reduce: each rank computes the same MoE output), which
-keeps the factorised mixing over all E experts per side local to one device.
+sparse path reads in place, and CUDA graphs need the dense path's fixed shapes). Attention is
+vLLM's (QKV / row-parallel projections, paged attention, its rotary embedding), so tensor
+parallelism shards the attention heads; every rank holds all the expert and router weights
+(replicated, no all-reduce: each rank computes the same MoE output), which keeps the
+factorised mixing over all E experts per side local to one device.
 
 Masks: the model owns a MaskSlots (monet_runtime.vllm_profiles): the profile tables [L, P, W]
 in fixed device buffers and the slot of each batch row, which vLLM's per-row hooks (a logits

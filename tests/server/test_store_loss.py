@@ -171,8 +171,9 @@ def test_local_store_wiped_under_two_servers(on_local, answers, fixture_mask, pa
             assert r.status_code == 200, r.text
             assert r.json()["mask_profiles"][0]["digest"] == digest, r.text
             assert r.json()["token_ids"] == answers["masked"], (
-                f"{'b' if c is cb else 'a'} answered unmasked={r.json()['token_ids'] == answers['unmasked']}"
-                f" under {r.text}; a has {ca.get(f'/masks/{name}').text[:300]}")
+                f"{'b' if c is cb else 'a'} answered "
+                f"unmasked={r.json()['token_ids'] == answers['unmasked']} under {r.text}; "
+                f"a has {ca.get(f'/masks/{name}').text[:300]}")
             assert r.headers["x-monet-mask-profiles"] == f"{name}@1"
     print(f"local store wiped ({pause} s before the write): the first request on each server "
           f"got the new mask (the last in {took:.2f} s)")
