@@ -51,8 +51,9 @@ class Stats:
         self.errors: list[str] = []
 
 
-async def client_loop(http: httpx.AsyncClient, body: dict, deadline: float, stats: Stats):
-    while time.perf_counter() < deadline and not RUN_STOP.is_set():
+async def client_loop(http: httpx.AsyncClient, body: dict, deadline: float, stats: Stats,
+                      stop: asyncio.Event | None = None):
+    while time.perf_counter() < deadline and not (stop and stop.is_set()):
         start = time.perf_counter()
         first, tokens, done = None, 0, False
         try:
@@ -84,11 +85,10 @@ async def client_loop(http: httpx.AsyncClient, body: dict, deadline: float, stat
         stats.tokens += tokens
 
 
-RUN_STOP = asyncio.Event()  # ends run() early (during_builds: when the build is done)
-
-
 async def run(url: str, key: str | None, *, clients: int, duration: float, max_tokens: int,
-              profiles: list[str | None]) -> tuple[Stats, float]:
+              profiles: list[str | None], stop: asyncio.Event | None = None
+              ) -> tuple[Stats, float]:
+    """stop: when set, the clients end after their request in flight (else at `duration`)."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     stats = Stats()
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -101,7 +101,7 @@ async def run(url: str, key: str | None, *, clients: int, duration: float, max_t
         bodies = [{"prompt": f"client {n} says hello", "max_tokens": max_tokens,
                    "temperature": 0.8, "seed": n, "ignore_eos": True, "stream": True,
                    "mask_profile": profiles[n % len(profiles)]} for n in range(clients)]
-        await asyncio.gather(*(client_loop(http, b, deadline, stats) for b in bodies))
+        await asyncio.gather(*(client_loop(http, b, deadline, stats, stop) for b in bodies))
         wall = time.perf_counter() - start
     return stats, wall
 
@@ -180,15 +180,15 @@ async def during_builds(url: str, key: str | None, args, profiles) -> int:
             r = await http.post(f"/masks/bench-build-{rep}/build", json=body)
             r.raise_for_status()
             job = r.json()["id"]
-            start = time.perf_counter()
+            start, stop = time.perf_counter(), asyncio.Event()
             task = asyncio.create_task(run(url, key, clients=args.clients, duration=3600,
-                                           max_tokens=args.max_tokens, profiles=profiles))
+                                           max_tokens=args.max_tokens, profiles=profiles,
+                                           stop=stop))
             while (await http.get(f"/jobs/{job}")).json()["status"] in ("queued", "running"):
                 await asyncio.sleep(0.2)
             took = time.perf_counter() - start
-            RUN_STOP.set()
+            stop.set()
             stats, wall = await task
-            RUN_STOP.clear()
             built.append(stats.tokens / wall)
             print(f"round {rep + 1}: alone {alone[-1]:.0f} tok/s; during a {took:.1f} s build "
                   f"{built[-1]:.0f} tok/s ({built[-1] / alone[-1]:.2f}x)", flush=True)
