@@ -103,3 +103,13 @@ def poisoned_batch(c: httpx.Client, *, innocents: list[dict], culprit: dict,
         responses = [f.result() for f in futures]
         assert running.result().status_code == 200
     return responses[:-1], responses[-1]
+
+
+def finished(c: httpx.Client, job: dict, timeout: float = 120) -> dict:
+    """The job (POST .../build's answer) polled at /jobs/{id} until it is neither queued nor
+    running, or `timeout` seconds passed (the caller asserts its status)."""
+    deadline = time.monotonic() + timeout
+    while job["status"] in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(0.1)
+        job = c.get(f"/jobs/{job['id']}").json()
+    return job

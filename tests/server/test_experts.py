@@ -4,23 +4,14 @@ remove it), search by text and by label with pages, and a damaged atlas failing 
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import redis
-from server_support import unique
+from server_support import finished, unique
 
 WORDS = {"code": "def f(x):\n    return x + 1\nimport os\nclass A:\n    pass\n",
          "prose": "The cat sat on the mat and the dog lay by the door all day long.\n"}
 RECORDS = [{"text": text * 2, "label": label} for label, text in WORDS.items() for _ in range(3)]
-
-
-def _wait(gen, job: dict, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while job["status"] in ("queued", "running") and time.monotonic() < deadline:
-        time.sleep(0.2)
-        job = gen.get(f"/jobs/{job['id']}").json()
-    return job
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +20,7 @@ def built(server, admin_module, gen_module):
     r = admin_module.post("/experts/build", json={"records": RECORDS, "top_n": 4,
                                                   "top_tokens": 4, "window": 6})
     assert r.status_code == 202, r.text
-    job = _wait(gen_module, r.json())
+    job = finished(gen_module, r.json())
     assert job["status"] == "succeeded", job
     return job["result"]
 

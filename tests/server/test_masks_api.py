@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import base64
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from server_support import unique
+from server_support import finished, unique
 
 LAYERS = [{"layer": 0, "experts": [[0, 1], [2, 3]]}, {"layer": 2, "experts": [[5, 5]]}]
 
@@ -132,14 +131,6 @@ def code_and_prose(count: int, seed: int) -> list[dict]:
             for n in range(count)]
 
 
-def wait_for(job: dict, gen) -> dict:
-    deadline = time.monotonic() + 60
-    while job["status"] in ("queued", "running") and time.monotonic() < deadline:
-        time.sleep(0.2)
-        job = gen.get(f"/jobs/{job['id']}").json()
-    return job
-
-
 def niceness(pid: int) -> dict[int, int]:
     """{thread id: niceness} of a process's threads (/proc/PID/task/TID/stat, field 19)."""
     out = {}
@@ -158,7 +149,7 @@ def test_build_job_and_report(admin, gen, server):
     assert r.status_code == 202, r.text
     job = r.json()
     assert r.headers["location"] == f"/jobs/{job['id']}" and job["created_by"] == "root"
-    job = wait_for(job, gen)
+    job = finished(gen, job, 60)
     assert job["status"] == "succeeded", job
     assert job["progress"] == 1.0 and job["result"]["name"] == name
     report = gen.get(f"/masks/{name}/report").json()
@@ -177,10 +168,7 @@ def test_build_job_and_report(admin, gen, server):
     admin.put(f"/masks/{other}", json={"layers": LAYERS})
     r = admin.post(f"/masks/{unique('combo')}/build",
                    json={"kind": "composite", "parts": [name, other]})
-    job = r.json()
-    while job["status"] in ("queued", "running"):
-        time.sleep(0.1)
-        job = gen.get(f"/jobs/{job['id']}").json()
+    job = finished(gen, r.json())
     assert job["status"] == "succeeded", job
     assert job["result"]["size"] >= report["size"]
 
@@ -193,7 +181,7 @@ def test_build_by_loss(admin, gen, criterion):
         "kind": "domain", "target": "code", "records": records, "criterion": criterion,
         "coverage": 0.5})
     assert r.status_code == 202, r.text
-    job = wait_for(r.json(), gen)
+    job = finished(gen, r.json(), 60)
     assert job["status"] == "succeeded", job
     report = gen.get(f"/masks/{name}/report").json()
     assert report["provenance"]["criterion"] == criterion and report["size"] > 0
@@ -213,7 +201,7 @@ def test_build_default_criterion_follows_the_kind(admin, gen):
             "kind": kind, "target": "code", "records": records, "steps": 3, "factor": 1.5,
             "min_mass": 0})
         assert r.status_code == 202, r.text
-        assert wait_for(r.json(), gen)["status"] == "succeeded"
+        assert finished(gen, r.json(), 60)["status"] == "succeeded"
         provenance = gen.get(f"/masks/{name}/report").json()["provenance"]
         assert provenance["criterion"] == criterion, provenance
         if criterion == "learned":
@@ -229,10 +217,7 @@ def test_build_errors(admin, gen):
     assert r.status_code == 422 and r.json()["error"]["param"] == "corpus"
     r = admin.post(f"/masks/{unique()}/build", json={
         "kind": "language", "target": "rust", "records": [{"text": "abc", "label": "go"}]})
-    job = r.json()
-    while job["status"] in ("queued", "running"):
-        time.sleep(0.1)
-        job = gen.get(f"/jobs/{job['id']}").json()
+    job = finished(gen, r.json())
     assert job["status"] == "failed" and "rust" in job["error"]
     assert gen.get("/jobs/job-0-none").status_code == 404
 

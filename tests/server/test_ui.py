@@ -11,12 +11,19 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from server_support import ADMIN_KEY, GEN_KEY, KEYS_ENV, ServerProcess, client, unique
+from server_support import (
+    ADMIN_KEY,
+    GEN_KEY,
+    KEYS_ENV,
+    ServerProcess,
+    client,
+    finished,
+    unique,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 PROMPT = "The cat sat on the"
@@ -37,10 +44,7 @@ def ui_server(tmp_path_factory, tiny, fixture_mask):
         assert r.status_code == 201, r.text
         job = admin.post("/experts/build", json={"records": ATLAS, "top_n": 4,
                                                   "top_tokens": 4, "window": 6}).json()
-        deadline = time.monotonic() + 60
-        while job["status"] in ("queued", "running") and time.monotonic() < deadline:
-            time.sleep(0.1)
-            job = admin.get(f"/jobs/{job['id']}").json()
+        job = finished(admin, job, 60)
         assert job["status"] == "succeeded", job
     yield proc
     proc.stop()
