@@ -4,9 +4,10 @@ Each operation has a plain-torch reference, Triton kernels for CUDA and a launch
 its inputs and picks one (`impl=` forces a choice; on a CPU the Triton kernels then need
 TRITON_INTERPRET=1). Mixing also has compiled CPU loops (Numba) over the router's nonzero
 entries, the launcher's pick for CPU float32/float64. Sparse expert layers for decode
-(kernels.sparse) evaluate only the experts a step uses, with gather-GEMV over the active
-experts' rows: Numba loops on the CPU (kernels.sparse_cpu), Triton kernels on CUDA for steps of
-up to 32 tokens (kernels.sparse_triton). Only torch, triton and numba are imported.
+(kernels.sparse) evaluate only the experts a step uses, reading only the active experts' rows:
+on the CPU the whole layer in one compiled call (Numba, kernels.sparse_cpu), on CUDA composed
+with Triton gather-GEMV for steps of up to 32 tokens (kernels.sparse_triton). Only torch,
+triton and numba are imported (and llvmlite, Numba's own).
 """
 
 from __future__ import annotations

@@ -2,14 +2,16 @@
 
 A token keeps about k experts per head and side, so a decode step of T tokens uses at most
 T*H*k of the E experts per side (batch 1 at the releases: about 46 of 512); the dense layer
-reads every expert's weights. Here, for one step:
+reads every expert's weights. On the CPU (float32 or bfloat16 tensors) the whole layer is one
+compiled call (kernels.sparse_cpu: `vd_layer`, `hd_layer`); elsewhere it is composed, for one
+step:
 
 1. `active_experts`: the step's experts per side (the union over tokens of the nonzero router
    entries), both sides padded to one count n (the padding repeats an expert with zero
-   weight), and g1, g2 restricted to them ([T, H, n]); once per routing group;
+   weight), and g1, g2 restricted to them ([T, H, n]); once per routing group (on the CPU too);
 2. the u projections at those experts only: their rows of u (and bias) read in place by a
-   gather-GEMV (`_gather`: Numba loops on the CPU, kernels.sparse_cpu; Triton kernels on CUDA
-   for T <= 32, kernels.sparse_triton), else gathered for one GEMM;
+   gather-GEMV (`_gather`: Triton kernels on CUDA for T <= 32, kernels.sparse_triton), else
+   gathered for one GEMM;
 3. mixing over the n compact experts, masks included: while T n^2 is small (decode), through
    the explicit composite weights G [T, n, n] (g_ij = sum_h g1 g2, a masked pair's set to 0;
    the same few products masked or not, `_mix_explicit`); else as kernels.mix_vd / mix_hd
@@ -199,17 +201,23 @@ def _expert_rows(idx: torch.Tensor, M: int, starts: tuple[int, ...], E: int) -> 
     return torch.cat((*blocks, starts[-1] + idx))
 
 
-def _gather(weight: torch.Tensor, T: int):
-    """The gather-GEMV primitives (rows_dot, rows_axpy) for a step of T tokens over weight:
-    the Numba loops for a CPU weight, the Triton kernels for a contiguous CUDA one at decode
-    sizes (T <= 32, Triton installed), float32 or bfloat16; None: torch's index_select +
-    linear and embedding_bag."""
-    if weight.dtype not in (torch.float32, torch.bfloat16):
-        return None
-    if weight.device.type == "cpu":
+def _whole_layer(*tensors: torch.Tensor):
+    """kernels.sparse_cpu (the whole layer in one compiled call) when every tensor is a
+    float32 or bfloat16 one on the CPU; None: the layer composed of the steps below."""
+    if all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16)
+           for t in tensors):
         from kernels import sparse_cpu
 
         return sparse_cpu
+    return None
+
+
+def _gather(weight: torch.Tensor, T: int):
+    """The gather-GEMV primitives (rows_dot, rows_axpy) for a step of T tokens over weight:
+    the Triton kernels for a contiguous float32 or bfloat16 CUDA weight at decode sizes
+    (T <= 32, Triton installed); None: torch's index_select + linear and embedding_bag."""
+    if weight.dtype not in (torch.float32, torch.bfloat16):
+        return None
     from kernels import triton_available
 
     if weight.is_cuda and weight.is_contiguous() and triton_available():
@@ -256,6 +264,10 @@ def _rows(active: ActiveExperts, key, make):
 def sparse_vd(y_TD, active: ActiveExperts, u1, u2, first_RD, second_RD, mask=None):
     """The VD expert layer at the active experts. u1, u2: (weight [E*M, D], bias [E*M]);
     first, second: pack_vd tables; mask: None or (table [P, W] int32, profile [T]). [T, D]"""
+    whole = _whole_layer(y_TD, *u1, *u2, first_RD, second_RD)
+    if whole is not None:
+        return whole.vd_layer(y_TD, active.side1, active.side2, active.g1, active.g2, u1, u2,
+                              first_RD, second_RD, mask).to(y_TD.dtype)
     EM = u1[0].shape[0]
     E = first_RD.shape[0] - 2 * EM
     M = EM // E
@@ -277,6 +289,10 @@ def sparse_vd(y_TD, active: ActiveExperts, u1, u2, first_RD, second_RD, mask=Non
 def sparse_hd(y_TD, active: ActiveExperts, u, table_RD, mask=None):
     """The HD expert layer at the active experts. u: (weight [E*M, D], bias [E*M]); table:
     pack_hd's; mask as sparse_vd. [T, D]"""
+    whole = _whole_layer(y_TD, *u, table_RD)
+    if whole is not None:
+        return whole.hd_layer(y_TD, active.side1, active.side2, active.g1, active.g2, u,
+                              table_RD, mask).to(y_TD.dtype)
     EM = u[0].shape[0]
     E = table_RD.shape[0] - EM
     M = EM // E

@@ -29,13 +29,21 @@ from kernels.sparse import compact_table
 EMPTY, FULL = 1, 2
 
 
-@pytest.fixture(params=["explicit", "factorised"])
+@pytest.fixture(params=["whole", "explicit", "factorised"])
 def mixing(request, monkeypatch):
-    """Both ways of mixing over the compact experts: through the explicit weights G (decode
-    sizes) and the factorised kernels.mix_vd / mix_hd (larger steps)."""
-    limit = 1 << 62 if request.param == "explicit" else 0
-    monkeypatch.setattr(kernels.sparse, "EXPLICIT_MAX_PAIRS", limit)
+    """The layer in one compiled call (kernels.sparse_cpu, the CPU's), and composed (other
+    devices) with both ways of mixing over the compact experts: through the explicit weights
+    G (decode sizes) and the factorised kernels.mix_vd / mix_hd (larger steps)."""
+    if request.param != "whole":
+        compose(monkeypatch)
+        limit = 1 << 62 if request.param == "explicit" else 0
+        monkeypatch.setattr(kernels.sparse, "EXPLICIT_MAX_PAIRS", limit)
     return request.param
+
+
+def compose(monkeypatch):
+    """Make the sparse layers composed of their steps (kernels.sparse) on the CPU too."""
+    monkeypatch.setattr(kernels.sparse, "_whole_layer", lambda *tensors: None)
 
 
 def mask_of(E, T, *, seed, profile=None):
@@ -135,6 +143,7 @@ def force_triton_gather(monkeypatch) -> list:
             calls.append("rows_axpy")
             return sparse_triton.rows_axpy(*args)
 
+    compose(monkeypatch)
     monkeypatch.setattr(kernels.sparse, "_gather", lambda weight, T: Recorded)
     return calls
 
@@ -144,7 +153,7 @@ def force_triton_gather(monkeypatch) -> list:
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
 @pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: "x".join(map(str, s)))
 def test_sparse_layer_on_the_triton_gather(device, monkeypatch, shape, masked, dtype, vertical):
-    """The layer with the Triton primitives equals the naive layer and the CPU (Numba) path."""
+    """The layer with the Triton primitives equals the naive layer and the CPU's (one call)."""
     kw = dict(vertical=vertical, dtype=dtype, masked=masked, seed=sum(shape) + 100)
     on_cpu, want = check(*shape, **kw)
     calls = force_triton_gather(monkeypatch)
@@ -156,19 +165,22 @@ def test_sparse_layer_on_the_triton_gather(device, monkeypatch, shape, masked, d
     torch.testing.assert_close(got.double(), on_cpu.double(), atol=tol, rtol=0.0)
 
 
-def test_gather_primitives_by_device_dtype_and_step_size(device):
-    """Numba loops for CPU float32 / bfloat16 weights at any T; Triton kernels for contiguous
-    CUDA ones up to T = 32 (decode); torch's gather + GEMM otherwise."""
+def test_layer_implementation_by_device_dtype_and_step_size(device):
+    """The whole layer in one call when every tensor is a CPU float32 / bfloat16 one, at any
+    T; composed otherwise: Triton gathers for contiguous CUDA weights up to T = 32 (decode),
+    torch's gather + GEMM beyond."""
     from kernels import sparse_cpu
 
-    pick = kernels.sparse._gather
+    whole, pick = kernels.sparse._whole_layer, kernels.sparse._gather
     w = torch.zeros(4, 4)
-    assert pick(w, 1) is sparse_cpu and pick(w.bfloat16(), 4096) is sparse_cpu
-    assert pick(w.half(), 1) is None and pick(w.double(), 1) is None
+    assert whole(w, w.bfloat16()) is sparse_cpu
+    assert whole(w, w.half()) is None and whole(w.double()) is None
+    assert pick(w, 1) is None
     if device.type == "cuda":
         from kernels import sparse_triton
 
         w = w.to(device)
+        assert whole(w) is None and whole(w.cpu(), w) is None
         assert pick(w, 32) is sparse_triton and pick(w.bfloat16(), 1) is sparse_triton
         assert pick(w, 33) is None and pick(w.half(), 1) is None and pick(w.t(), 1) is None
 
