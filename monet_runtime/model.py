@@ -158,9 +158,9 @@ class Attention(nn.Module):
         layer = self.layer
         N, K, Dh = (self.config.num_attention_heads, self.config.num_key_value_heads,
                     self.config.head_dim)
-        q = apply_rotary(self.q_proj(x_BTD).view(B, T, N, Dh).transpose(1, 2), cos, sin)
-        k = apply_rotary(self.k_proj(x_BTD).view(B, T, K, Dh).transpose(1, 2), cos, sin)
-        v = self.v_proj(x_BTD).view(B, T, K, Dh).transpose(1, 2)
+        qkv = _stacked_linear(self, "_qkv", ("q_proj", "k_proj", "v_proj"), x_BTD)
+        q, k, v = qkv.view(B, T, N + 2 * K, Dh).transpose(1, 2).split((N, K, K), 1)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             start = cache.length
             cache.keys[layer][:, :, start : start + T] = k
@@ -213,22 +213,42 @@ def _table_views(table_RD: torch.Tensor, parts: list[torch.Tensor]) -> list[torc
     return [*views, table_RD[start:]]
 
 
-def _packed(module: nn.Module, key: str, names: tuple[str, ...], pack) -> torch.Tensor:
-    """The packed table that the parameters `names` (v weights, then the bias) are views of:
-    packed on first use and again when they no longer are (after .to(), or a state dict
-    loaded with assign=True). The dense path uses the same views, so nothing is copied."""
+def _row_blocks(table: torch.Tensor, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of a table of stacked weights (torch.cat of [N_i, D] ones) shaped as its parts."""
+    return list(table.split([p.shape[0] for p in parts]))
+
+
+def _packed(module: nn.Module, key: str, names: tuple[str, ...], pack,
+            views=_table_views) -> torch.Tensor:
+    """The packed table that the parameters `names` are views of (`views` says how; by
+    default v weights then the bias, as kernels.pack_vd / pack_hd): packed on first use and
+    again when they no longer are (after .to(), or a state dict loaded with assign=True).
+    The dense path uses the same views, so nothing is copied."""
     params = [module.get_parameter(n) for n in names]
     table = module.__dict__.get(key)
     if table is None or not all(
         p.data_ptr() == v.data_ptr() and p.dtype == v.dtype and p.device == v.device
-        for p, v in zip(params, _table_views(table, params))
+        and p.shape == v.shape for p, v in zip(params, views(table, params))
     ):
         with torch.no_grad():
             table = pack(*(p.detach() for p in params))
-        for p, view in zip(params, _table_views(table, params)):
+        for p, view in zip(params, views(table, params)):
             p.data = view
         module.__dict__[key] = table  # not a buffer: the parameters are its state
     return table
+
+
+def _stacked_linear(module: nn.Module, key: str, names: tuple[str, ...], x: torch.Tensor):
+    """x through the bias-free linear layers `names` of module at once, their outputs
+    concatenated: one matrix product over a table their weights are row-block views of
+    (packed on first use, as _packed). A decode step's product reads its weights once, and
+    with OMP_WAIT_POLICY=PASSIVE each product wakes the OpenMP threads: one instead of three
+    for q, k, v. Under autograd, each layer's own product (the parameters' gradients)."""
+    if torch.is_grad_enabled():
+        return torch.cat([module.get_submodule(n)(x) for n in names], -1)
+    table = _packed(module, key, tuple(f"{n}.weight" for n in names),
+                    lambda *weights: torch.cat(weights), _row_blocks)
+    return F.linear(x, table)
 
 
 class _Experts(nn.Module):
