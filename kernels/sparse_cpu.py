@@ -12,11 +12,10 @@ For one step of T tokens at the compact experts side1, side2 [n] (kernels.Active
    row read once for the step and added to the tokens that weigh it.
 
 Composed of some 30 torch operations around two gathers, an 850M layer at batch 1 took
-0.85 ms in bfloat16 (0.9 in float32); in one call, serial, 0.47. The loops run on the calling
-thread: Numba's parallel loops run on a second OpenMP runtime (its omp layer loads the
-system's libgomp beside torch's), whose threads measured slower in `monet serve` (OMP_WAIT_
-POLICY=PASSIVE, 850M bf16 decode 99 ms per token against 94 serial) and worse under a busy
-core. Each expert's rows are prefetched while the previous expert's are computed.
+0.85 ms in bfloat16 (1.1 in float32); in one call 0.6 (0.8). A step of one token runs on the
+calling thread; from THREADED_MIN_TOKENS a VD layer's two sides and halves run on two threads
+(HD's stays on one). Each expert's rows are prefetched while the previous expert's are
+computed.
 
 Weights float32 or bfloat16 (passed as their uint16 bits, widened in the loops by a
 bitcast); float32 arithmetic. Roundings as the dense path: with bfloat16 activations, g,
@@ -25,6 +24,9 @@ the u projection and relu2 of it are rounded to bfloat16. The GIL is released.
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
+
 import llvmlite.ir
 import numba
 import numba.extending
@@ -32,7 +34,14 @@ import numpy as np
 import torch
 from numba.core import cgutils
 
-__all__ = ["hd_layer", "vd_layer"]
+__all__ = ["THREADED_MIN_TOKENS", "hd_layer", "vd_layer"]
+
+# From this many tokens a VD layer's two sides (u), then its two halves (v), run on two threads:
+# the caller's and a helper's (the loops release the GIL). 850M layer, weights cold, passive
+# OpenMP threads, bf16 ms: T = 1 0.66 threaded / 0.64 serial, 2 0.98 / 1.04, 4 1.44 / 1.79,
+# 8 2.26 / 3.17 (fp32 8: 2.89 / 4.40). Numba's own parallel loops start a second OpenMP
+# runtime beside torch's, and measured slower (5x at T = 8 with spinning threads).
+THREADED_MIN_TOKENS = 2
 
 _jit = numba.njit(cache=True, nogil=True, fastmath=True)
 
@@ -237,6 +246,25 @@ def _v_block(table, start, side, x, out, col):
 
 
 @_jit
+def _scale(x, c):
+    """x[t, i, :] *= c[t, i]."""
+    T, n, M = x.shape
+    for t in range(T):
+        for i in range(n):
+            for m in range(M):
+                x[t, i, m] *= c[t, i]
+
+
+@_jit
+def _vd_half(table, EM, side, x_a, x_b, c, out, col):
+    """One half of VD's output (columns col:): a packed table's two weight blocks and bias."""
+    T, n = c.shape
+    _v_block(table, 0, side, x_a, out, col)
+    _v_block(table, EM, side, x_b, out, col)
+    _v_block(table, 2 * EM, side, c.reshape(T, n, 1), out, col)
+
+
+@_jit
 def _vd_layer(y, W1, bias1, W2, bias2, side1, side2, g1, g2, table, profile, first, second,
               bf16, out):
     T = y.shape[0]
@@ -244,7 +272,6 @@ def _vd_layer(y, W1, bias1, W2, bias2, side1, side2, g1, g2, table, profile, fir
     EM = W1.shape[0]
     E = first.shape[0] - 2 * EM
     M = EM // E
-    half = first.shape[1]
     g1r, use1 = _routing(g1, bf16)
     g2r, use2 = _routing(g2, bf16)
     a = np.zeros((T, n, M), np.float32)
@@ -256,17 +283,10 @@ def _vd_layer(y, W1, bias1, W2, bias2, side1, side2, g1, g2, table, profile, fir
     c1 = np.zeros((T, n), np.float32)
     c2 = np.zeros((T, n), np.float32)
     _mix(g1r, g2r, use1, use2, side1, side2, table, profile, E, a, b, x12, x21, c1, c2)
-    for t in range(T):
-        for i in range(n):
-            for m in range(M):
-                a[t, i, m] *= c1[t, i]  # x11
-                b[t, i, m] *= c2[t, i]  # x22
-    _v_block(first, 0, side1, a, out, 0)
-    _v_block(first, EM, side1, x12, out, 0)
-    _v_block(first, 2 * EM, side1, c1.reshape(T, n, 1), out, 0)
-    _v_block(second, 0, side2, x21, out, half)
-    _v_block(second, EM, side2, b, out, half)
-    _v_block(second, 2 * EM, side2, c2.reshape(T, n, 1), out, half)
+    _scale(a, c1)  # x11
+    _scale(b, c2)  # x22
+    _vd_half(first, EM, side1, a, x12, c1, out, 0)
+    _vd_half(second, EM, side2, x21, b, c2, out, first.shape[1])
 
 
 @_jit
@@ -301,14 +321,57 @@ def vd_layer(y_TD, side1, side2, g1_THn, g2_THn, u1, u2, first_RD, second_RD, ma
     """The VD expert layer at the compact experts side1, side2 [n] (kernels.ActiveExperts;
     g restricted to them, zero at the padding) in one call: float32 [T, D]. u1, u2: (weight
     [E*M, D], bias [E*M]); first, second: kernels.pack_vd tables; mask: None or (table
-    [P, W] int32, profile [T]). Weights float32 or bfloat16, read in place."""
-    out = torch.zeros(y_TD.shape[0], 2 * first_RD.shape[1], dtype=torch.float32)
-    bf16 = y_TD.dtype == torch.bfloat16
-    _vd_layer(_f32(y_TD), _weights(u1[0]), _weights(u1[1][:, None]), _weights(u2[0]),
-              _weights(u2[1][:, None]), side1.numpy(), side2.numpy(), _f32(g1_THn),
-              _f32(g2_THn), *_mask_arrays(mask), _weights(first_RD), _weights(second_RD),
-              bf16, out.numpy())
+    [P, W] int32, profile [T]). Weights float32 or bfloat16, read in place. From
+    THREADED_MIN_TOKENS tokens (and with torch allowed more than one thread) the two sides'
+    u projections, then the two halves' v projections, run on two threads."""
+    T = y_TD.shape[0]
+    out = torch.zeros(T, 2 * first_RD.shape[1], dtype=torch.float32)
+    args = (_f32(y_TD), _weights(u1[0]), _weights(u1[1][:, None]), _weights(u2[0]),
+            _weights(u2[1][:, None]), side1.numpy(), side2.numpy(), _f32(g1_THn),
+            _f32(g2_THn), *_mask_arrays(mask), _weights(first_RD), _weights(second_RD),
+            y_TD.dtype == torch.bfloat16, out.numpy())
+    if T >= THREADED_MIN_TOKENS and torch.get_num_threads() > 1:
+        _vd_layer_threaded(*args)
+    else:
+        _vd_layer(*args)
     return out
+
+
+def _vd_layer_threaded(y, W1, bias1, W2, bias2, side1, side2, g1, g2, table, profile, first,
+                       second, bf16, out):
+    """_vd_layer's steps, each side's (then half's) on its own thread: the calling one and
+    _helper()'s (the loops release the GIL)."""
+    n = side1.shape[0]
+    EM = W1.shape[0]
+    E = first.shape[0] - 2 * EM
+    (g1r, use1), (g2r, use2) = _routing(g1, bf16), _routing(g2, bf16)
+    a = np.zeros((y.shape[0], n, EM // E), np.float32)
+    b, x12, x21 = np.zeros_like(a), np.zeros_like(a), np.zeros_like(a)
+    c1, c2 = np.zeros(a.shape[:2], np.float32), np.zeros(a.shape[:2], np.float32)
+    helper = _helper()
+    done = helper.submit(_u_side, W2, bias2, side2, use2, y, bf16, b)
+    _u_side(W1, bias1, side1, use1, y, bf16, a)
+    done.result()
+    _mix(g1r, g2r, use1, use2, side1, side2, table, profile, E, a, b, x12, x21, c1, c2)
+    _scale(a, c1)  # x11
+    _scale(b, c2)  # x22
+    done = helper.submit(_vd_half, second, EM, side2, x21, b, c2, out, first.shape[1])
+    _vd_half(first, EM, side1, a, x12, c1, out, 0)
+    done.result()
+
+
+_helpers = threading.local()
+
+
+def _helper() -> concurrent.futures.ThreadPoolExecutor:
+    """The calling thread's own helper thread (started by it, so with its niceness: a mask
+    build's job thread never shares the engine's helper, nor lends it its priority); it ends
+    with its thread's executor."""
+    helper = getattr(_helpers, "executor", None)
+    if helper is None:
+        helper = _helpers.executor = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="monet-experts")
+    return helper
 
 
 def hd_layer(y_TD, side1, side2, g1_THn, g2_THn, u, table_RD, mask=None):

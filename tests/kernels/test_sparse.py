@@ -248,3 +248,32 @@ def test_use_sparse_decides_by_share_once_per_routing_group():
     assert use_sparse(many, many, None, dtype=f32) is None
     assert use_sparse(many, many, None, dtype=f32, max_share=1.0) is not None
     assert kernels.SPARSE_MAX_SHARE[f32] * 512 >= active.side1.numel()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_two_threads_give_the_one_thread_layer_exactly(monkeypatch, dtype):
+    """From THREADED_MIN_TOKENS a VD layer's sides and halves run on a helper thread too:
+    the same loops over disjoint outputs, so the same bits as on one thread."""
+    from kernels import sparse_cpu
+
+    outs = []
+    for limit in (1, 1 << 30):
+        monkeypatch.setattr(sparse_cpu, "THREADED_MIN_TOKENS", limit)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+        outs.append(check(8, 4, 512, 2, 16, vertical=True, dtype=dtype, masked=True,
+                          seed=11)[0])
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_each_calling_thread_has_its_own_helper():
+    """A build job's thread never queues behind the engine's helper, nor shares its
+    priority: each thread that runs a layer starts its own."""
+    import threading
+
+    from kernels import sparse_cpu
+
+    mine, theirs = sparse_cpu._helper(), []
+    worker = threading.Thread(target=lambda: theirs.append(sparse_cpu._helper()))
+    worker.start()
+    worker.join()
+    assert sparse_cpu._helper() is mine and theirs[0] is not mine
