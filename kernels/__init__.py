@@ -28,6 +28,7 @@ from kernels.mixing import (
 from kernels.router import route, route_reference, router_sigma
 from kernels.sparse import (
     SPARSE_MAX_SHARE,
+    SPARSE_MAX_TOKENS,
     ActiveExperts,
     active_experts,
     pack_hd,
@@ -40,6 +41,7 @@ from kernels.sparse import (
 __all__ = [
     "NO_PROFILE",
     "SPARSE_MAX_SHARE",
+    "SPARSE_MAX_TOKENS",
     "ActiveExperts",
     "active_experts",
     "pack_hd",

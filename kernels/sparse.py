@@ -36,17 +36,21 @@ import torch.nn.functional as F
 
 from kernels.mixing import MixHD, MixVD, bitset_words, mix_hd, mix_vd
 
-__all__ = ["EXPLICIT_MAX_PAIRS", "SPARSE_MAX_SHARE", "SPARSE_MIN_EXPERTS", "ActiveExperts",
+__all__ = ["EXPLICIT_MAX_PAIRS", "SPARSE_MAX_SHARE", "SPARSE_MAX_TOKENS", "SPARSE_MIN_EXPERTS",
+           "ActiveExperts",
            "active_experts", "compact_table", "pack_hd", "pack_vd", "sparse_hd", "sparse_vd",
            "use_sparse"]
 
 # The sparse path wins while at most this share of the E experts per side is in use, per
-# activation dtype. Measured on one 850M expert layer (benchmarks/bench_release.py
-# --threshold, 2-core CPU): float32 sparse/dense 4.1x at share 0.09 (T=1), 2.1x at 0.8 (T=16),
-# parity 1.03-1.14x from 0.9 (T=24-128); bfloat16 3-19x at every share up to 1.0 (T=128),
-# the dense bfloat16 products being slow on the packed layout.
-SPARSE_MAX_SHARE = {torch.float32: 0.85, torch.bfloat16: 1.0}
+# activation dtype, and the step has at most SPARSE_MAX_TOKENS tokens. Measured on one 850M
+# expert layer (benchmarks/bench_release.py --threshold, 2-core CPU with AMX, one expert layer
+# in one compiled call; dense/sparse): bfloat16 6.7x at share 0.12 (T=1), 1.8x at 0.60 (T=8),
+# 1.09x at 0.91 (T=24), 0.94x at 0.95 (T=32), 0.28x at T=512 (the dense bfloat16 products run
+# on AMX); float32 5.6x at T=1, 1.5x at 0.91 (T=24), 1.13-1.18x at share 1.0 (T=64-128), 0.91x
+# at T=512 (the sparse path's work grows with the tokens, the dense GEMMs' less).
+SPARSE_MAX_SHARE = {torch.float32: 1.0, torch.bfloat16: 0.93}
 DEFAULT_MAX_SHARE = 0.85
+SPARSE_MAX_TOKENS = 256
 # ... and only with at least this many experts per side: below it the dense products are small
 # and cache-resident, and the sparse path's fixed cost loses. The shipped default model (E = 64,
 # D = 128) decoded 12-20% slower on it (batch 1 and 8, float32, three interleaved runs); the
@@ -99,13 +103,15 @@ def use_sparse(g1_THE, g2_THE, pairs_cache: dict | None, *, dtype: torch.dtype,
                max_share: float | None = None) -> ActiveExperts | None:
     """The step's ActiveExperts when at most max_share of the experts per side are in use and
     autograd is off, else None (the dense path). max_share None: SPARSE_MAX_SHARE for
-    activations of dtype, with at least SPARSE_MIN_EXPERTS experts per side (else dense). Kept
-    in the routing group's pairs_cache under "sparse": a group decides once."""
+    activations of dtype, for steps of at most SPARSE_MAX_TOKENS tokens with at least
+    SPARSE_MIN_EXPERTS experts per side (else dense). Kept in the routing group's pairs_cache
+    under "sparse": a group decides once."""
     if pairs_cache is not None and "sparse" in pairs_cache:
         return pairs_cache["sparse"]
     if max_share is None:
+        T, E = g1_THE.shape[0], g1_THE.shape[2]
         max_share = (SPARSE_MAX_SHARE.get(dtype, DEFAULT_MAX_SHARE)
-                     if g1_THE.shape[2] >= SPARSE_MIN_EXPERTS else 0.0)
+                     if E >= SPARSE_MIN_EXPERTS and T <= SPARSE_MAX_TOKENS else 0.0)
     active = None
     if max_share > 0 and not (torch.is_grad_enabled() and g1_THE.requires_grad):
         candidate = active_experts(g1_THE, g2_THE)

@@ -244,10 +244,13 @@ def test_use_sparse_decides_by_share_once_per_routing_group():
     assert active is not None and cache["sparse"] is active
     assert use_sparse(g, g, cache, dtype=f32, max_share=0.0) is active  # the group's decision
     assert use_sparse(g, g, None, dtype=f32, max_share=0.0) is None
-    many = router_weights(256, 4, 512, seed=2)  # 256 tokens use nearly every expert
-    assert use_sparse(many, many, None, dtype=f32) is None
-    assert use_sparse(many, many, None, dtype=f32, max_share=1.0) is not None
     assert kernels.SPARSE_MAX_SHARE[f32] * 512 >= active.side1.numel()
+    many = router_weights(64, 4, 512, seed=2)  # 64 tokens use nearly every expert
+    assert use_sparse(many, many, None, dtype=f32) is not None  # float32: sparse still wins
+    assert use_sparse(many, many, None, dtype=torch.bfloat16) is None  # over bf16's share
+    more = router_weights(kernels.SPARSE_MAX_TOKENS + 1, 4, 512, seed=3)
+    assert use_sparse(more, more, None, dtype=f32) is None  # too many tokens
+    assert use_sparse(more, more, None, dtype=f32, max_share=1.0) is not None  # forced
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

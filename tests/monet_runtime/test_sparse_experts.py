@@ -45,10 +45,12 @@ def test_the_default_threshold_takes_the_sparse_path_at_decode_only(monkeypatch)
     calls = []
     real = kernels.sparse_vd
     monkeypatch.setattr(kernels, "sparse_vd", lambda *a, **k: calls.append(1) or real(*a, **k))
-    ids = torch.randint(0, model.config.vocab_size, (1, 128))
-    model(ids)  # a 128-token prompt uses nearly every expert: dense in float32
+    long = torch.randint(0, model.config.vocab_size, (1, kernels.SPARSE_MAX_TOKENS + 1))
+    model(long)  # a long prompt: dense
     assert calls == []
-    model(ids[:, :1])  # one token: about H k of 512 experts
+    model.bfloat16()(long[:, :-1])  # all the experts in use: dense in bfloat16
+    assert calls == []
+    model(long[:, :1])  # one token: about H k of 512 experts
     assert len(calls) == model.config.num_hidden_layers
 
 
