@@ -230,10 +230,13 @@ def _packed(module: nn.Module, key: str, names: tuple[str, ...], pack,
         p.data_ptr() == v.data_ptr() and p.dtype == v.dtype and p.device == v.device
         and p.shape == v.shape for p, v in zip(params, views(table, params))
     ):
-        with torch.no_grad():
+        # Outside inference mode even when called in it (generation runs there): parameters
+        # that became views of an inference tensor could no longer be saved for backward
+        # (a learned-mask build after a request).
+        with torch.inference_mode(False), torch.no_grad():
             table = pack(*(p.detach() for p in params))
-        for p, view in zip(params, views(table, params)):
-            p.data = view
+            for p, view in zip(params, views(table, params)):
+                p.data = view
         module.__dict__[key] = table  # not a buffer: the parameters are its state
     return table
 
@@ -261,7 +264,7 @@ class _Experts(nn.Module):
         """Drop the packed tables; the parameters become contiguous copies of their views."""
         for key in ("_first", "_second", "_table"):
             if self.__dict__.pop(key, None) is not None:
-                with torch.no_grad():
+                with torch.inference_mode(False), torch.no_grad():  # as _packed
                     for p in self.parameters():
                         p.data = p.data.contiguous()
 

@@ -96,3 +96,19 @@ def test_packing_keeps_the_weights_and_unpacking_restores_the_layout(tmp_path):
     assert "_first" not in moe.__dict__ and moe.v11.weight.is_contiguous()
     assert torch.equal(moe.v12.weight.float(), before["model.layers.0.moe.v12.weight"].bfloat16()
                        .float())
+
+
+def test_tables_packed_in_inference_mode_still_train():
+    """Generation (inference mode) packs the experts' v tables and the q, k, v weights; a
+    learned-mask build afterwards backpropagates through the same parameters, which must
+    not have become views of inference tensors."""
+    model = random_model(seed=3, **CASES["vd-E512"])
+    ids = torch.randint(0, model.config.vocab_size, (1, 6))
+    with torch.inference_mode():
+        model(ids[:, :1])  # one token: the sparse path packs the v tables
+    assert "_qkv" in model.model.layers[0].self_attn.__dict__
+    assert "_first" in model.model.layers[0].moe.__dict__
+    model.requires_grad_(True)
+    model(ids).logits.sum().backward()
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert q.grad is not None and q.grad.abs().sum() > 0
