@@ -268,3 +268,31 @@ def test_no_key_server_accepts_localhost_names(open_server, host):
         assert c.get("/health", headers={"Host": host}).status_code == 200
         r = c.put(f"/masks/{unique()}", json={"layers": LAYERS}, headers={"Host": host})
         assert r.status_code == 201, r.text
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" not in f.read()  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+def test_the_validating_child_ends_with_its_server():
+    """The child process that validates large bodies outlives a server that leaves by
+    os._exit (as `monet serve` does) or is killed, unless it watches its parent."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import os\nfrom server import bodies\n"
+              "print(bodies._new_pool().submit(os.getpid).result(), flush=True)\nos._exit(0)\n")
+    server = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[2])
+    with server.stdout:  # the child holds the pipe too: read its pid, not to the end
+        child = int(server.stdout.readline())
+    assert server.wait(timeout=60) == 0
+    deadline = time.monotonic() + 10
+    while _running(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(child), f"the validating child {child} outlived its server"
