@@ -180,9 +180,10 @@ def _u_side(W, bias, side, use, y, bf16, act):
             _prefetch_rows(W, side[i + 1] * M, M)
         for m in range(M):
             r = side[i] * M + m
+            c = _dot(bias, r, unit, 0)  # the bias, widened as a row of one
             for t in range(T):
                 if use[t, i]:
-                    z = _dot(W, r, y, t) + _dot(bias, r, unit, 0)
+                    z = _dot(W, r, y, t) + c
                     if bf16:
                         z = _round_bf16(z)
                     z = max(z, np.float32(0))
@@ -256,6 +257,19 @@ def _scale(x, c):
 
 
 @_jit
+def _vd_mix(g1r, g2r, use1, use2, side1, side2, table, profile, E, a, b):
+    """VD's mixing: x12, x21, c1, c2, and a, b scaled in place into x11 = a c1, x22 = b c2."""
+    x12 = np.zeros_like(a)
+    x21 = np.zeros_like(a)
+    c1 = np.zeros(a.shape[:2], np.float32)
+    c2 = np.zeros(a.shape[:2], np.float32)
+    _mix(g1r, g2r, use1, use2, side1, side2, table, profile, E, a, b, x12, x21, c1, c2)
+    _scale(a, c1)
+    _scale(b, c2)
+    return x12, x21, c1, c2
+
+
+@_jit
 def _vd_half(table, EM, side, x_a, x_b, c, out, col):
     """One half of VD's output (columns col:): a packed table's two weight blocks and bias."""
     T, n = c.shape
@@ -278,13 +292,7 @@ def _vd_layer(y, W1, bias1, W2, bias2, side1, side2, g1, g2, table, profile, fir
     b = np.zeros((T, n, M), np.float32)
     _u_side(W1, bias1, side1, use1, y, bf16, a)
     _u_side(W2, bias2, side2, use2, y, bf16, b)
-    x12 = np.zeros((T, n, M), np.float32)
-    x21 = np.zeros((T, n, M), np.float32)
-    c1 = np.zeros((T, n), np.float32)
-    c2 = np.zeros((T, n), np.float32)
-    _mix(g1r, g2r, use1, use2, side1, side2, table, profile, E, a, b, x12, x21, c1, c2)
-    _scale(a, c1)  # x11
-    _scale(b, c2)  # x22
+    x12, x21, c1, c2 = _vd_mix(g1r, g2r, use1, use2, side1, side2, table, profile, E, a, b)
     _vd_half(first, EM, side1, a, x12, c1, out, 0)
     _vd_half(second, EM, side2, x21, b, c2, out, first.shape[1])
 
@@ -340,21 +348,19 @@ def vd_layer(y_TD, side1, side2, g1_THn, g2_THn, u1, u2, first_RD, second_RD, ma
 def _vd_layer_threaded(y, W1, bias1, W2, bias2, side1, side2, g1, g2, table, profile, first,
                        second, bf16, out):
     """_vd_layer's steps, each side's (then half's) on its own thread: the calling one and
-    _helper()'s (the loops release the GIL)."""
+    _helper()'s (the loops release the GIL). From Python, where _vd_layer is one compiled
+    call: a step of one token would pay the extra calls and gain nothing."""
     n = side1.shape[0]
     EM = W1.shape[0]
     E = first.shape[0] - 2 * EM
     (g1r, use1), (g2r, use2) = _routing(g1, bf16), _routing(g2, bf16)
     a = np.zeros((y.shape[0], n, EM // E), np.float32)
-    b, x12, x21 = np.zeros_like(a), np.zeros_like(a), np.zeros_like(a)
-    c1, c2 = np.zeros(a.shape[:2], np.float32), np.zeros(a.shape[:2], np.float32)
+    b = np.zeros_like(a)
     helper = _helper()
     done = helper.submit(_u_side, W2, bias2, side2, use2, y, bf16, b)
     _u_side(W1, bias1, side1, use1, y, bf16, a)
     done.result()
-    _mix(g1r, g2r, use1, use2, side1, side2, table, profile, E, a, b, x12, x21, c1, c2)
-    _scale(a, c1)  # x11
-    _scale(b, c2)  # x22
+    x12, x21, c1, c2 = _vd_mix(g1r, g2r, use1, use2, side1, side2, table, profile, E, a, b)
     done = helper.submit(_vd_half, second, EM, side2, x21, b, c2, out, first.shape[1])
     _vd_half(first, EM, side1, a, x12, c1, out, 0)
     done.result()

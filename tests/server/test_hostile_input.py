@@ -8,9 +8,12 @@ import base64
 import json
 import os
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
+from pathlib import Path
 
 import httpx
 import pytest
@@ -281,10 +284,6 @@ def _running(pid: int) -> bool:
 def test_the_validating_child_ends_with_its_server():
     """The child process that validates large bodies outlives a server that leaves by
     os._exit (as `monet serve` does) or is killed, unless it watches its parent."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     script = ("import os\nfrom server import bodies\n"
               "print(bodies._new_pool().submit(os.getpid).result(), flush=True)\nos._exit(0)\n")
     server = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
