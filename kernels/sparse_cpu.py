@@ -317,10 +317,14 @@ def _hd_layer(y, W, bias, side1, side2, g1, g2, table, profile, packed, bf16, ou
     _v_block(packed, EM, side2, c2.reshape(T, n, 1), out, 0)
 
 
-def _mask_arrays(mask):
+def _mask_arrays(mask, T: int):
+    """(table, profile) for the loops; no mask: an empty profile. A profile that is not one
+    entry per token is refused: the loops read an empty one as "no mask" (fail closed)."""
     if mask is None:
         return np.zeros((1, 1), np.int32), np.zeros(0, np.int32)
     table_PW, profile_T = mask
+    if profile_T.shape != (T,):
+        raise ValueError(f"mask profile must be [{T}], got {tuple(profile_T.shape)}")
     return (table_PW.contiguous().numpy(),
             profile_T.to(torch.int32).contiguous().numpy())
 
@@ -336,7 +340,7 @@ def vd_layer(y_TD, side1, side2, g1_THn, g2_THn, u1, u2, first_RD, second_RD, ma
     out = torch.zeros(T, 2 * first_RD.shape[1], dtype=torch.float32)
     args = (_f32(y_TD), _weights(u1[0]), _weights(u1[1][:, None]), _weights(u2[0]),
             _weights(u2[1][:, None]), side1.numpy(), side2.numpy(), _f32(g1_THn),
-            _f32(g2_THn), *_mask_arrays(mask), _weights(first_RD), _weights(second_RD),
+            _f32(g2_THn), *_mask_arrays(mask, T), _weights(first_RD), _weights(second_RD),
             y_TD.dtype == torch.bfloat16, out.numpy())
     if T >= THREADED_MIN_TOKENS and torch.get_num_threads() > 1:
         _vd_layer_threaded(*args)
@@ -385,6 +389,6 @@ def hd_layer(y_TD, side1, side2, g1_THn, g2_THn, u, table_RD, mask=None):
     kernels.pack_hd's. float32 [T, D]."""
     out = torch.zeros(y_TD.shape[0], table_RD.shape[1], dtype=torch.float32)
     _hd_layer(_f32(y_TD), _weights(u[0]), _weights(u[1][:, None]), side1.numpy(),
-              side2.numpy(), _f32(g1_THn), _f32(g2_THn), *_mask_arrays(mask),
+              side2.numpy(), _f32(g1_THn), _f32(g2_THn), *_mask_arrays(mask, y_TD.shape[0]),
               _weights(table_RD), y_TD.dtype == torch.bfloat16, out.numpy())
     return out

@@ -280,3 +280,17 @@ def test_each_calling_thread_has_its_own_helper():
     worker.start()
     worker.join()
     assert sparse_cpu._helper() is mine and theirs[0] is not mine
+
+
+@pytest.mark.parametrize("vertical", [True, False], ids=["VD", "HD"])
+def test_a_profile_not_one_per_token_is_refused(vertical):
+    """The compiled layer reads an empty profile as "no mask": a mask whose profile does
+    not name every token must fail, never run unmasked."""
+    T, H, E, M, D = 3, 2, 16, 2, 8
+    g = (router_weights(T, H, E, seed=1), router_weights(T, H, E, seed=2))
+    w = weights(D, E, M, seed=3, vertical=vertical)
+    table = mask_of(E, T, seed=4)[0]
+    for profile in (torch.zeros(0, dtype=torch.int32), torch.zeros(T - 1, dtype=torch.int32)):
+        with pytest.raises(ValueError, match="mask profile"):
+            run_sparse(torch.randn(T, D, dtype=torch.float64), *g, w, (table, profile),
+                       vertical=vertical, dtype=torch.float32)
