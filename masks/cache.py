@@ -6,9 +6,13 @@ otherwise the cache catches up (`catch_up`: the changed names, or RESET when the
 emptied, restored or replaced, which drops everything) before answering, one catch-up shared by
 concurrent callers. A watch thread (`start()`) applies the store's notifications ahead of that,
 and reports its health (`last_error`, for /ready); correctness does not wait on it. Events only
-ever drop entries, and a read that straddled a change is not kept. Failing closed: when the store
-cannot be reached, cached profiles serve until `max_staleness` seconds after the store was last
-reached, then `get` raises StoreUnavailable.
+ever drop entries (every entry an event names, whatever its version: a store that lost its data
+reuses versions), and a read that straddled a change is not kept. The watch and the catch-ups
+each follow the store from a position of their own, and what they read moves the cache's
+position only from the position it was read from: another history (the store emptied and
+written again) can reach the same position's sequence number while entries of the old one are
+still cached. Failing closed: when the store cannot be reached, cached profiles serve until
+`max_staleness` seconds after the store was last reached, then `get` raises StoreUnavailable.
 """
 
 from __future__ import annotations
@@ -101,13 +105,19 @@ class ProfileCache:
         else:
             events, changes = catch_up(self.store, *at)
             position = (changes.seq, changes.token)
-        self.apply(events, position=position)
+        if not self.apply(events, position=position, start=at):
+            # The watch moved the cache meanwhile, perhaps along another history: empty is
+            # current to any position.
+            self.apply([ChangeEvent(position[0], RESET, 0, True)], position=position)
 
     # ---- keeping current -----------------------------------------------------------------
     def apply(self, events: list[ChangeEvent], *,
-              position: tuple[int, str | None] | None = None) -> None:
-        """Drop what the events made stale; `position`: the store position they bring the cache
-        to (every change up to it applied), which requests compare the store's head with."""
+              position: tuple[int, str | None] | None = None,
+              start: tuple[int, str | None] | None = None) -> bool:
+        """Drop what the events name; `position`: the store position they bring the cache to
+        (every change up to it applied), which requests compare the store's head with, taken
+        only when the cache is at `start`, the position the events were read from (None: any).
+        Returns whether it was."""
         with self._lock:
             for event in events:
                 if event.name == RESET:
@@ -117,11 +127,11 @@ class ProfileCache:
                     continue
                 known = self._known.get(event.name, 0)
                 self._known[event.name] = max(known, event.version + event.deleted)
-                cached = self._latest.get(event.name)
-                if cached is not None and (event.deleted or cached.version != event.version):
-                    del self._latest[event.name]
-            if position is not None:
+                self._latest.pop(event.name, None)
+            follows = start is None or self._at == start
+            if position is not None and follows:
                 self._at = position
+            return follows
 
     def refresh(self, timeout: float = 0.0) -> list[ChangeEvent]:
         """Poll the watch once; its errors propagate (`last_error` says why) and the next poll
@@ -133,6 +143,7 @@ class ProfileCache:
                 self.apply([ChangeEvent(watch.last_seq, RESET, 0, True)],
                            position=(watch.last_seq, watch.last_token))
                 self._watch = watch
+            start = (self._watch.last_seq, self._watch.last_token)
             events = self._watch.poll(timeout)
         except Exception as e:
             self.last_error = e
@@ -140,7 +151,8 @@ class ProfileCache:
                 self._watch.mark_stale()
             raise
         if events:
-            self.apply(events, position=(self._watch.last_seq, self._watch.last_token))
+            self.apply(events, position=(self._watch.last_seq, self._watch.last_token),
+                       start=start)
         self._last_sync = time.monotonic()
         self.last_error = None
         return events

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 
@@ -48,6 +49,14 @@ def two_replicas(request, tmp_path, namespace):
         url = request.getfixturevalue("redis_server").url
         make = lambda: RedisMaskStore.from_url(url, namespace=namespace)  # noqa: E731
     return make(), make()
+
+
+def wipe(store) -> None:
+    """Lose everything the store holds, as a wiped directory or a flushed Redis would."""
+    if isinstance(store, LocalMaskStore):
+        shutil.rmtree(store.root)
+    else:
+        store.client.delete(*store.client.keys(f"{store.ns}*"))
 
 
 def test_cache_hits_and_invalidation(two_replicas, make_profile):
@@ -117,3 +126,24 @@ def test_every_get_is_current_without_the_watch(two_replicas, make_profile):
     writer.delete("p")
     with pytest.raises(ProfileNotFound):
         cache.get("p")
+
+
+def test_a_watch_behind_does_not_vouch_for_entries_of_a_lost_history(two_replicas,
+                                                                     make_profile):
+    """The watch last saw the store empty; a request then cached p@1 of that history. The
+    store loses its data and p@1 is written again with other contents: the watch's next poll
+    reads p@1 as a plain continuation of the empty store, and must not make the old p@1 current
+    (the first failure of test_local_store_wiped_under_two_servers, caught in CI)."""
+    writer, reader = two_replicas
+    cache = ProfileCache(reader, model_id="monet-a")
+    cache.refresh()  # the watch starts at the empty store
+    writer.put(make_profile("p", model_id="monet-a"))
+    assert cache.get("p").version == 1  # a request catches up without the watch, caches p@1
+    wipe(writer)
+    second = writer.put(make_profile("p", seed=1, model_id="monet-a"))
+    assert second.version == 1
+    deadline = time.monotonic() + 5
+    while not cache.refresh(0.1):  # Redis: the notification may take a moment
+        assert time.monotonic() < deadline, "the watch never saw the write"
+    assert cache.get("p").digest == second.digest
+    cache.close()
