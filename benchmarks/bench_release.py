@@ -1,10 +1,10 @@
 """Decode at a release shape: the sparse expert path against the dense one, with masks.
 
 Makes (or takes) a random checkpoint of a release shape with calibrated routing (`monet
-checkpoint random`), loads it memory-mapped (load time, peak RSS against the checkpoint's
-size), then greedy decode after a prompt, per batch size, for each path (sparse: the default
-threshold; dense: the factorised layer over all E experts, as the authors' release) and each
-mask case (unmasked; one profile; 8 profiles mixed over the rows, each removing 5% of the
+checkpoint random`), loads it (load time, peak RSS against the checkpoint's size), then
+greedy decode after a prompt, per batch size, for each path (sparse: the default threshold;
+dense: the factorised layer over all E experts, as the authors' release) and each mask case
+(unmasked; one profile; 8 profiles mixed over the rows, each removing 5% of the
 composite experts of every layer). Runs are interleaved, medians reported. Also: the
 machine's streaming read bandwidth, the weight bytes a decode step reads on each path and the
 achieved GB/s, the share of a step per part, and (--threshold) the sparse/dense time of one

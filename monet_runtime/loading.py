@@ -1,9 +1,11 @@
 """Load a MONET checkpoint: a Hugging Face directory with config.json and safetensors weights.
 
-The model is built on the meta device and each tensor is read once, with plain file reads
-straight into memory the model owns, converted to the requested dtype and assigned: peak memory
-is the model's size plus one tensor. (A memory-mapped tensor counts twice once the model
-repacks it: its file pages stay resident beside the packed copy the sparse path reads.)
+The model is built on the meta device, its packed tables (model.PACKED: the q, k, v weights
+stacked, the experts' v weights and biases in the sparse path's layout) are allocated, and each
+tensor is read once, with plain file reads straight into memory the model owns (a packed
+table's view, converted to the requested dtype as need be) and assigned: peak memory is the
+model's size plus one tensor. (A memory-mapped tensor would count twice: its file pages stay
+resident beside the packed copy.)
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from monet_runtime.config import ConfigError, MonetConfig
-from monet_runtime.model import MonetForCausalLM
+from monet_runtime.model import MonetForCausalLM, empty_packed_tables
 from monet_runtime.tokenizer import load_tokenizer
 
 __all__ = ["CheckpointError", "checkpoint_identity", "load_model", "model_identity",
@@ -130,14 +132,16 @@ def _shapes(file: Path) -> dict[str, tuple[int, ...]]:
     return {name: entry.shape for name, entry in entries.items()}
 
 
-def _read(f, start: int, entry: _Entry, want: torch.dtype, scratch: list) -> torch.Tensor:
-    """One tensor read into a new CPU tensor of dtype `want` (no memory map): straight into it
-    when that is the stored dtype; else into a scratch buffer reused across tensors, then
-    converted (a fresh buffer per tensor would stay in the process's heap after it is freed:
-    1.3x the model's size loading bf16 as float32)."""
+def _read_into(f, start: int, entry: _Entry, dest: torch.Tensor, scratch: list) -> None:
+    """One tensor read into `dest`, memory the model owns (no memory map): straight into it
+    when it is a contiguous CPU tensor of the stored dtype; else into a scratch buffer reused
+    across tensors, then copied (converted, into a packed table's view, or to the device; a
+    fresh buffer per tensor would stay in the process's heap after it is freed: 1.3x the
+    model's size loading bf16 as float32)."""
     nbytes = entry.end - entry.begin
-    if want == entry.dtype:
-        raw = torch.empty(entry.shape, dtype=entry.dtype)
+    direct = (dest.dtype == entry.dtype and dest.device.type == "cpu" and dest.is_contiguous())
+    if direct:
+        raw = dest
     else:
         if scratch[0].numel() < nbytes:
             scratch[0] = torch.empty(nbytes, dtype=torch.uint8)
@@ -145,15 +149,15 @@ def _read(f, start: int, entry: _Entry, want: torch.dtype, scratch: list) -> tor
     f.seek(start + entry.begin)
     if nbytes and f.readinto(memoryview(raw.view(-1).view(torch.uint8).numpy())) != nbytes:
         raise CheckpointError(f"{f.name}: a tensor is truncated")
-    return raw if want == entry.dtype else raw.to(want)
+    if not direct:
+        dest.copy_(raw)
 
 
-def _iter_tensors(files: dict[str, Path], names,
-                  target=lambda name, dtype: dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor of dtype target(name, stored dtype)) in file order within each file,
-    each read once."""
+def _read_all(files: dict[str, Path], dests: dict[str, torch.Tensor]) -> None:
+    """Every tensor of `dests` read into it, in file order within each file, each read once;
+    a stored shape other than the destination's is a CheckpointError."""
     by_file: dict[Path, list[str]] = {}
-    for name in names:
+    for name in dests:
         by_file.setdefault(files[name], []).append(name)
     scratch = [torch.empty(0, dtype=torch.uint8)]
     for file, wanted in by_file.items():
@@ -163,8 +167,11 @@ def _iter_tensors(files: dict[str, Path], names,
             if missing:
                 raise CheckpointError(f"{file} lacks tensors its index names: {missing[:10]}")
             for name in sorted(wanted, key=lambda n: entries[n].begin):
-                entry = entries[name]
-                yield name, _read(f, start, entry, target(name, entry.dtype), scratch)
+                entry, dest = entries[name], dests[name]
+                if tuple(entry.shape) != tuple(dest.shape):
+                    raise CheckpointError(f"tensor {name} has shape {tuple(entry.shape)}, the "
+                                          f"config implies {tuple(dest.shape)}")
+                _read_into(f, start, entry, dest, scratch)
 
 
 def load_model(
@@ -194,26 +201,21 @@ def load_model(
         raise CheckpointError(f"checkpoint {path} has unexpected tensors: "
                               f"{', '.join(unexpected[:10])}")
 
-    state: dict[str, torch.Tensor] = {}
-    shapes: dict[str, tuple[int, ...]] = {}
-    def target(name: str, stored: torch.dtype) -> torch.dtype:
+    def dtype_of(name: str) -> torch.dtype:
         if not expected[name].dtype.is_floating_point:
             return expected[name].dtype
         return torch.float32 if name.endswith(_FLOAT32_SUFFIXES) else dtype
 
-    for name, tensor in _iter_tensors(files, [n for n in expected if n in files], target):
-        want = expected[name]
-        if tuple(tensor.shape) != tuple(want.shape):
-            raise CheckpointError(f"tensor {name} has shape {tuple(tensor.shape)}, the config "
-                                  f"implies {tuple(want.shape)}")
-        shapes[name] = tuple(tensor.shape)
-        state[name] = tensor.to(device=device)
-    for name in expected:  # optional counters the checkpoint may omit
+    # The packed tables first, so that their weights are read into them: never held twice.
+    state = empty_packed_tables(model, dtype_of, device)
+    for name, want in expected.items():
         if name not in state:
-            state[name] = torch.zeros((), dtype=expected[name].dtype, device=device)
+            make = torch.empty if name in files else torch.zeros  # optional counters: 0
+            state[name] = make(want.shape, dtype=dtype_of(name), device=device)
+    _read_all(files, {name: state[name] for name in expected if name in files})
     model.load_state_dict(state, assign=True, strict=True)
     model.eval().requires_grad_(False)
-    model.identity = model_identity(config, shapes)
+    model.identity = model_identity(config, {n: tuple(state[n].shape) for n in files})
     if tokenizer:
         model.tokenizer = load_tokenizer(path, vocab_size=config.vocab_size,
                                          bos_id=config.bos_token_id,

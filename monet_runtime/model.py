@@ -12,7 +12,9 @@ K key/value heads, Dh head width, H routing heads, E experts per side, M expert 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -140,8 +142,95 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def _table_views(table_RD: torch.Tensor, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of a packed table (kernels.pack_vd / pack_hd) shaped as its parts: v weights
+    [D', E*M] (transposed row blocks) and, last, the bias [E, D']."""
+    views, start = [], 0
+    for weight in parts[:-1]:
+        views.append(table_RD[start : start + weight.shape[1]].t())
+        start += weight.shape[1]
+    return [*views, table_RD[start:]]
+
+
+def _row_blocks(table: torch.Tensor, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of a table of stacked weights (torch.cat of [N_i, D] ones) shaped as its parts."""
+    return list(table.split([p.shape[0] for p in parts]))
+
+
+def _stack_rows(*weights: torch.Tensor) -> torch.Tensor:
+    return torch.cat(weights)
+
+
+class Packing(NamedTuple):
+    """A table that parameters `names` of a module are views of: `pack` builds it from them,
+    `views` gives their views of it."""
+
+    names: tuple[str, ...]
+    pack: Callable[..., torch.Tensor]
+    views: Callable[[torch.Tensor, list[torch.Tensor]], list[torch.Tensor]] = _table_views
+
+
+def _packed(module: nn.Module, key: str) -> torch.Tensor:
+    """The packed table `key` of module.PACKED that its parameters are views of: packed on
+    first use (unless the loader read them into it) and again when they no longer are (after
+    .to(), or a state dict loaded with assign=True). The dense path uses the same views, so
+    nothing is copied."""
+    names, pack, views = module.PACKED[key]
+    params = [module.get_parameter(n) for n in names]
+    table = module.__dict__.get(key)
+    if table is None or not all(
+        p.data_ptr() == v.data_ptr() and p.dtype == v.dtype and p.device == v.device
+        and p.shape == v.shape for p, v in zip(params, views(table, params))
+    ):
+        # Outside inference mode even when called in it (generation runs there): parameters
+        # that became views of an inference tensor could no longer be saved for backward
+        # (a learned-mask build after a request).
+        with torch.inference_mode(False), torch.no_grad():
+            table = pack(*(p.detach() for p in params))
+            for p, view in zip(params, views(table, params)):
+                p.data = view
+        module.__dict__[key] = table  # not a buffer: the parameters are its state
+    return table
+
+
+def empty_packed_tables(model: nn.Module, dtype_of: Callable[[str], torch.dtype],
+                        device: torch.device | str) -> dict[str, torch.Tensor]:
+    """For a loader of a model built on the meta device: every packed table allocated
+    (uninitialised) and kept as its module's; returns, by parameter name, the views of them
+    that the parameters are to be (load_state_dict(assign=True) with them keeps the tables).
+    Reading the weights into these, rather than packing on first use, never holds a weight
+    twice. `dtype_of(name)`: each parameter's dtype (one per table)."""
+    out: dict[str, torch.Tensor] = {}
+    for prefix, module in model.named_modules():
+        for key, (names, pack, views) in getattr(module, "PACKED", {}).items():
+            full = [f"{prefix}.{n}" if prefix else n for n in names]
+            (dtype,) = {dtype_of(n) for n in full}
+            params = [module.get_parameter(n).detach().to(dtype) for n in names]
+            shape = pack(*params).shape  # on the meta device: the shape alone
+            with torch.inference_mode(False):
+                table = torch.empty(shape, dtype=dtype, device=device)
+            module.__dict__[key] = table
+            out.update(zip(full, views(table, params)))
+    return out
+
+
+def _stacked_linear(module: nn.Module, key: str, x: torch.Tensor):
+    """x through the bias-free linear layers of module.PACKED[key] at once, their outputs
+    concatenated: one matrix product over a table their weights are row-block views of
+    (as _packed). A decode step's product reads its weights once, and with
+    OMP_WAIT_POLICY=PASSIVE each product wakes the OpenMP threads: one instead of three for
+    q, k, v. Under autograd, each layer's own product (the parameters' gradients)."""
+    if torch.is_grad_enabled():
+        return torch.cat([module.get_submodule(n.removesuffix(".weight"))(x)
+                          for n in module.PACKED[key].names], -1)
+    return F.linear(x, _packed(module, key))
+
+
 class Attention(nn.Module):
     """Grouped-query causal self-attention with rotary embeddings and a preallocated KV cache."""
+
+    PACKED = {"_qkv": Packing(("q_proj.weight", "k_proj.weight", "v_proj.weight"), _stack_rows,
+                              _row_blocks)}
 
     def __init__(self, config: MonetConfig, layer: int):
         super().__init__()
@@ -158,7 +247,7 @@ class Attention(nn.Module):
         layer = self.layer
         N, K, Dh = (self.config.num_attention_heads, self.config.num_key_value_heads,
                     self.config.head_dim)
-        qkv = _stacked_linear(self, "_qkv", ("q_proj", "k_proj", "v_proj"), x_BTD)
+        qkv = _stacked_linear(self, "_qkv", x_BTD)
         q, k, v = qkv.view(B, T, N + 2 * K, Dh).transpose(1, 2).split((N, K, K), 1)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
@@ -203,57 +292,6 @@ class Router(nn.Module):
         return self._side(y_TD, self.w1, self.norm1), self._side(y_TD, self.w2, self.norm2)
 
 
-def _table_views(table_RD: torch.Tensor, parts: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Views of a packed table (kernels.pack_vd / pack_hd) shaped as its parts: v weights
-    [D', E*M] (transposed row blocks) and, last, the bias [E, D']."""
-    views, start = [], 0
-    for weight in parts[:-1]:
-        views.append(table_RD[start : start + weight.shape[1]].t())
-        start += weight.shape[1]
-    return [*views, table_RD[start:]]
-
-
-def _row_blocks(table: torch.Tensor, parts: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Views of a table of stacked weights (torch.cat of [N_i, D] ones) shaped as its parts."""
-    return list(table.split([p.shape[0] for p in parts]))
-
-
-def _packed(module: nn.Module, key: str, names: tuple[str, ...], pack,
-            views=_table_views) -> torch.Tensor:
-    """The packed table that the parameters `names` are views of (`views` says how; by
-    default v weights then the bias, as kernels.pack_vd / pack_hd): packed on first use and
-    again when they no longer are (after .to(), or a state dict loaded with assign=True).
-    The dense path uses the same views, so nothing is copied."""
-    params = [module.get_parameter(n) for n in names]
-    table = module.__dict__.get(key)
-    if table is None or not all(
-        p.data_ptr() == v.data_ptr() and p.dtype == v.dtype and p.device == v.device
-        and p.shape == v.shape for p, v in zip(params, views(table, params))
-    ):
-        # Outside inference mode even when called in it (generation runs there): parameters
-        # that became views of an inference tensor could no longer be saved for backward
-        # (a learned-mask build after a request).
-        with torch.inference_mode(False), torch.no_grad():
-            table = pack(*(p.detach() for p in params))
-            for p, view in zip(params, views(table, params)):
-                p.data = view
-        module.__dict__[key] = table  # not a buffer: the parameters are its state
-    return table
-
-
-def _stacked_linear(module: nn.Module, key: str, names: tuple[str, ...], x: torch.Tensor):
-    """x through the bias-free linear layers `names` of module at once, their outputs
-    concatenated: one matrix product over a table their weights are row-block views of
-    (packed on first use, as _packed). A decode step's product reads its weights once, and
-    with OMP_WAIT_POLICY=PASSIVE each product wakes the OpenMP threads: one instead of three
-    for q, k, v. Under autograd, each layer's own product (the parameters' gradients)."""
-    if torch.is_grad_enabled():
-        return torch.cat([module.get_submodule(n)(x) for n in names], -1)
-    table = _packed(module, key, tuple(f"{n}.weight" for n in names),
-                    lambda *weights: torch.cat(weights), _row_blocks)
-    return F.linear(x, table)
-
-
 class _Experts(nn.Module):
     """The expert layers' choice of path: per step, the sparse one (kernels.sparse) while at
     most `sparse_max_share` of the experts per side are in use, else the dense one."""
@@ -262,7 +300,7 @@ class _Experts(nn.Module):
 
     def unpack(self) -> None:
         """Drop the packed tables; the parameters become contiguous copies of their views."""
-        for key in ("_first", "_second", "_table"):
+        for key in self.PACKED:
             if self.__dict__.pop(key, None) is not None:
                 with torch.inference_mode(False), torch.no_grad():  # as _packed
                     for p in self.parameters():
@@ -288,6 +326,9 @@ def set_sparse_experts(model: nn.Module, max_share: float | None) -> None:
 class VerticalExperts(_Experts):
     """VD: E_ij = [V11_i a_i + V12_i b_j + b1_i ; V21_j a_i + V22_j b_j + b2_j]."""
 
+    PACKED = {"_first": Packing(("v11.weight", "v12.weight", "b1"), kernels.pack_vd),
+              "_second": Packing(("v21.weight", "v22.weight", "b2"), kernels.pack_vd)}
+
     def __init__(self, config: MonetConfig):
         super().__init__()
         D, E, M = config.hidden_size, config.moe_experts, config.expert_width
@@ -304,9 +345,7 @@ class VerticalExperts(_Experts):
     def forward(self, y_TD, g1_THE, g2_THE, mask=None, pairs_cache=None) -> torch.Tensor:
         active = self._active(y_TD, g1_THE, g2_THE, pairs_cache)
         if active is not None:
-            first = _packed(self, "_first", ("v11.weight", "v12.weight", "b1"), kernels.pack_vd)
-            second = _packed(self, "_second", ("v21.weight", "v22.weight", "b2"),
-                             kernels.pack_vd)
+            first, second = _packed(self, "_first"), _packed(self, "_second")
             return kernels.sparse_vd(y_TD, active, (self.u1.weight, self.u1.bias),
                                      (self.u2.weight, self.u2.bias), first, second, mask)
         T = y_TD.shape[0]
@@ -338,6 +377,8 @@ class VerticalExperts(_Experts):
 class HorizontalExperts(_Experts):
     """HD: E_ij = V_j relu2(U_i y + c_i) + b_j."""
 
+    PACKED = {"_table": Packing(("v.weight", "b"), kernels.pack_hd)}
+
     def __init__(self, config: MonetConfig):
         super().__init__()
         D, E, M = config.hidden_size, config.moe_experts, config.expert_width
@@ -349,7 +390,7 @@ class HorizontalExperts(_Experts):
     def forward(self, y_TD, g1_THE, g2_THE, mask=None, pairs_cache=None) -> torch.Tensor:
         active = self._active(y_TD, g1_THE, g2_THE, pairs_cache)
         if active is not None:
-            table = _packed(self, "_table", ("v.weight", "b"), kernels.pack_hd)
+            table = _packed(self, "_table")
             return kernels.sparse_hd(y_TD, active, (self.u.weight, self.u.bias), table, mask)
         T = y_TD.shape[0]
         x_TEM = relu2(self.u(y_TD)).view(T, self.E, self.M)
