@@ -51,6 +51,16 @@ from monet_runtime.model import KVCache, set_sparse_experts  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 PATHS = {"sparse": None, "dense": 0.0}  # None: the measured threshold
+_GEMV_MAX_TOKENS = kernels.gemv.gemv_max_tokens
+
+
+def set_path(model, share) -> None:
+    """The sparse path (share None: the measured threshold) with the runtime's decode GEMV
+    loops, or the dense one (share 0) as the release computes it: the factorised expert layers
+    over all E experts and torch's linear layers (kernels.gemv's loops off)."""
+    set_sparse_experts(model, share)
+    kernels.gemv.gemv_max_tokens = (_GEMV_MAX_TOKENS if share is None or share > 0
+                                    else lambda dtype: 0)
 
 
 def read_bandwidth_gbs(mib: int = 1024, repeats: int = 5) -> float:
@@ -158,10 +168,10 @@ def part_shares(model, prompt_BT, masks_case) -> dict[str, float]:
 
 
 def use_path(model, share, prompt_BT) -> None:
-    """set_sparse_experts, then one untimed step of the prompt's last tokens: the switch back
+    """set_path, then one untimed step of the prompt's last tokens: the switch back
     from the dense path packs the v tables again (about 1 GB copied at 850M float32), which
     would otherwise land in the first timed step where the prefill took the dense path."""
-    set_sparse_experts(model, share)
+    set_path(model, share)
     with torch.no_grad():
         model(prompt_BT[:, -1:])
 
@@ -352,7 +362,7 @@ def run(args, ckpt: Path, dtype) -> None:
                  "mixed": [mask_list[b % 8] for b in range(B)]}
         times: dict = {}
         for path, share in PATHS.items():  # warm-up: compiled loops, first-touch of pages
-            set_sparse_experts(model, share)
+            set_path(model, share)
             decode(model, prompt, 3, cases["mixed"])
         for _ in range(args.repeats):
             for path, share in PATHS.items():
@@ -360,7 +370,7 @@ def run(args, ckpt: Path, dtype) -> None:
                 for case in args.cases:
                     s = decode(model, prompt, args.new_tokens, cases[case])
                     times.setdefault((path, case), []).append(s)
-        set_sparse_experts(model, PATHS["sparse"])
+        set_path(model, PATHS["sparse"])
         nbytes = weight_bytes(model, prompt)
         for (path, case), ts in times.items():
             step = statistics.median(ts)
@@ -368,7 +378,7 @@ def run(args, ckpt: Path, dtype) -> None:
             rows.append((B, path, case, B / step, step * 1e3, nbytes[path] / 1e9, gbs,
                          nbytes["share"]))
         for path, share in PATHS.items():
-            set_sparse_experts(model, share)
+            set_path(model, share)
             parts = part_shares(model, prompt, None)
             print(f"B={B} {path}: share of a step: " + ", ".join(
                 f"{k} {v:.0%}" for k, v in parts.items()), flush=True)

@@ -25,6 +25,7 @@ from kernels.mixing import (
     mix_vd_reference,
     prepare_mixing,
 )
+from kernels.gemv import gemv_max_tokens, linear
 from kernels.router import route, route_reference, router_sigma
 from kernels.sparse import (
     SPARSE_MAX_SHARE,
@@ -39,6 +40,7 @@ from kernels.sparse import (
 )
 
 __all__ = [
+    "gemv_max_tokens",
     "NO_PROFILE",
     "SPARSE_MAX_SHARE",
     "SPARSE_MAX_TOKENS",
@@ -49,6 +51,7 @@ __all__ = [
     "sparse_hd",
     "sparse_vd",
     "use_sparse",
+    "linear",
     "MixHD",
     "MixVD",
     "bitset_words",

@@ -223,7 +223,18 @@ def _stacked_linear(module: nn.Module, key: str, x: torch.Tensor):
     if torch.is_grad_enabled():
         return torch.cat([module.get_submodule(n.removesuffix(".weight"))(x)
                           for n in module.PACKED[key].names], -1)
-    return F.linear(x, _packed(module, key))
+    return kernels.linear(x, _packed(module, key))
+
+
+class Linear(nn.Linear):
+    """A bias-free nn.Linear whose product goes through kernels.linear: a decode step's few
+    tokens take compiled matrix-vector loops on the CPU."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.weight)
 
 
 class Attention(nn.Module):
@@ -240,7 +251,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(D, N * Dh, bias=False)
         self.k_proj = nn.Linear(D, K * Dh, bias=False)
         self.v_proj = nn.Linear(D, K * Dh, bias=False)
-        self.o_proj = nn.Linear(N * Dh, D, bias=False)
+        self.o_proj = Linear(N * Dh, D)
 
     def forward(self, x_BTD, cos, sin, attn_mask_BTS, cache: KVCache | None):
         B, T, _ = x_BTD.shape
@@ -271,8 +282,8 @@ class Router(nn.Module):
         H, E = config.moe_heads, config.moe_experts
         self.heads, self.experts = H, E
         self.sigma = kernels.router_sigma(config.moe_topk, E)
-        self.w1 = nn.Linear(config.hidden_size, H * E, bias=False)
-        self.w2 = nn.Linear(config.hidden_size, H * E, bias=False)
+        self.w1 = Linear(config.hidden_size, H * E)
+        self.w2 = Linear(config.hidden_size, H * E)
         self.norm1 = nn.BatchNorm1d(H, affine=False)
         self.norm2 = nn.BatchNorm1d(H, affine=False)
 
@@ -465,7 +476,7 @@ class MonetForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = MonetModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
         self.tokenizer = None  # set by load_model
         self.identity = ""  # set by load_model: which model a mask profile was built for
 

@@ -213,7 +213,7 @@ def _with_vllm_linears(module: nn.Module, quant_config, prefix: str) -> None:
     """Replace each nn.Linear child of module by a ReplicatedLinear of the same shape and
     parameter names that returns only its output, as nn.Linear does."""
     for name, linear in list(module.named_children()):
-        if type(linear) is nn.Linear:
+        if isinstance(linear, nn.Linear):
             setattr(module, name, ReplicatedLinear(
                 linear.in_features, linear.out_features, bias=linear.bias is not None,
                 quant_config=quant_config, prefix=maybe_prefix(prefix, name),

@@ -1,0 +1,48 @@
+"""kernels.linear: the compiled matrix-vector loops for decode steps against float64 products
+and F.linear, odd shapes, one thread and the split rows, and when they are (not) taken."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import gemv_cpu
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,N,D", [(1, 1, 1), (1, 7, 33), (3, 255, 17), (2, 256, 64),
+                                   (5, 1001, 130), (16, 300, 96)])
+def test_gemv_matches_float64(dtype, T, N, D):
+    g = torch.Generator().manual_seed(T * 1000 + N + D)
+    x = torch.randn(T, D, generator=g).to(dtype)
+    W = torch.randn(N, D, generator=g).to(dtype)
+    got = gemv_cpu.gemv(x, W)
+    assert got.dtype == torch.float32 and got.shape == (T, N)
+    want = x.double() @ W.double().t()
+    scale = x.double().abs() @ W.double().abs().t()  # the sum of |terms|: float32 rounding
+    assert ((got.double() - want).abs() <= 1e-6 * scale + 1e-30).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_takes_the_loops_for_few_tokens_only(dtype, monkeypatch):
+    calls = []
+    real = gemv_cpu.gemv
+    monkeypatch.setattr(gemv_cpu, "gemv", lambda x, W: calls.append(x.shape) or real(x, W))
+    W = torch.randn(300, 64).to(dtype)
+    x = torch.randn(2, 1, 64).to(dtype)
+    out = kernels.linear(x, W)
+    assert calls == [(2, 64)] and out.dtype == dtype and out.shape == (2, 1, 300)
+    ref = F.linear(x.double(), W.double()).to(dtype)  # rounded as F.linear's result
+    assert (out.float() - ref.float()).abs().max() <= 2 * ref.float().abs().max() * 2**-8
+    many = torch.randn(kernels.gemv_max_tokens(dtype) + 1, 64).to(dtype)
+    assert torch.equal(kernels.linear(many, W), F.linear(many, W)) and len(calls) == 1
+    strided = W.t().contiguous().t()
+    assert torch.equal(kernels.linear(x, strided), F.linear(x, strided)) and len(calls) == 1
+    assert torch.equal(kernels.linear(x.float().to(torch.float64), W.double()),
+                       F.linear(x.double(), W.double()))
+    leaf = W.clone().requires_grad_(True)
+    y = kernels.linear(x, leaf)  # autograd: F.linear, whose gradient flows
+    y.sum().backward()
+    assert leaf.grad is not None and len(calls) == 1
