@@ -274,14 +274,14 @@ def _check_mix_inputs(x_TEM, g1_THE, g2_THE, mask_table_PW, profile_T):
 
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_CPU_DTYPES = (torch.float32, torch.float64)
+_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 IMPLS = ("triton", "cpu", "reference")
 
 
 def _pick_impl(impl: str | None, x: torch.Tensor, *inputs: torch.Tensor) -> str:
     """impl None: Triton for CUDA activations of a Triton dtype; the compiled CPU loops
-    (kernels.mixing_cpu) for CPU activations of float32/float64 that autograd does not track;
-    else the reference. A name in IMPLS forces that path."""
+    (kernels.mixing_cpu; 16-bit activations mixed in float32) for CPU activations that
+    autograd does not track; else the reference. A name in IMPLS forces that path."""
     from kernels import triton_available
 
     if impl is None:

@@ -269,9 +269,9 @@ def test_launchers_check_inputs():
         kernels.mix_hd(a.double(), g1, g2, impl="triton")
 
 
-def test_launchers_pick_the_cpu_loops_for_cpu_float32_and_float64(monkeypatch):
-    """CPU tensors never take Triton; float32/float64 outside autograd take the compiled loops,
-    bfloat16 and tensors autograd tracks the reference (differentiable)."""
+def test_launchers_pick_the_cpu_loops_outside_autograd(monkeypatch):
+    """CPU tensors never take Triton; float32/float64/bfloat16 outside autograd take the
+    compiled loops, tensors autograd tracks the reference (differentiable)."""
     import kernels.mixing_cpu as mc
 
     ran: list[str] = []
@@ -285,31 +285,31 @@ def test_launchers_pick_the_cpu_loops_for_cpu_float32_and_float64(monkeypatch):
     kernels.mix_hd(d["a"].double(), d["g1"], d["g2"])
     assert ran == ["mix_vd_cpu", "mix_hd_cpu"]
     kernels.mix_vd(d["a"].bfloat16(), d["b"].bfloat16(), *args)
+    assert ran == ["mix_vd_cpu", "mix_hd_cpu", "mix_vd_cpu"]
     kernels.mix_hd(d["a"].requires_grad_(), *args).x.sum().backward()
-    assert ran == ["mix_vd_cpu", "mix_hd_cpu"] and d["a"].grad is not None
-    with pytest.raises(TypeError, match="CPU mixing"):
-        kernels.mix_hd(d["a"].bfloat16(), *args, impl="cpu")
+    assert len(ran) == 3 and d["a"].grad is not None
     with pytest.raises(TypeError, match="CPU mixing"):
         kernels.mix_hd(meta(2, 16, 4), *args, impl="cpu")
 
 
 def test_prepare_mixing_compiles_the_cpu_loops_of_its_dtype_only():
-    """In a new process: float32 compiles (or loads) the float32 loops and nothing else;
-    bfloat16, which the loops do not take, compiles nothing."""
+    """In a new process: bfloat16 compiles (or loads) the float32 loops, which mix it, and
+    nothing else; float64 then adds its own."""
     import subprocess
     import sys
 
     code = (
         "import torch, kernels, kernels.mixing_cpu as m\n"
         "kernels.prepare_mixing('cpu', torch.bfloat16)\n"
-        "before = len(m._mix_vd.signatures) + len(m._mix_hd.signatures)\n"
-        "kernels.prepare_mixing('cpu', torch.float32)\n"
+        "before = [str(s[0].dtype) for f in (m._mix_vd, m._mix_hd) for s in f.signatures]\n"
+        "kernels.prepare_mixing('cpu', torch.float64)\n"
         "print(before, [str(s[0].dtype) for f in (m._mix_vd, m._mix_hd)"
         " for s in f.signatures])\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=120).stdout.split()
-    assert out == ["0", "['float32',", "'float32']"]
+    assert out == ["['float32',", "'float32']", "['float32',", "'float64',", "'float32',",
+                   "'float64']"]
 
 
 def test_cpu_loops_refuse_a_profile_beyond_the_table():
@@ -329,8 +329,9 @@ def assert_close_mix(out, expected, *, dtype: torch.dtype, scale: float):
 
 
 # The compiled CPU loops against the reference (the same sums over the nonzero entries only,
-# in another order) and against the naive oracle, unmasked and masked.
+# in another order) and against the naive oracle, unmasked and masked; bfloat16 mixed in float32.
 CPU_GRID = [case for case in REFERENCE_GRID if case[0] != 1000] + [(1000, 4, 512, torch.float32)]
+CPU_GRID += [(T, H, E, torch.bfloat16) for T, H, E in ((1, 6, 512), (7, 1, 24), (33, 8, 64))]
 
 
 @pytest.mark.parametrize(("T", "H", "E", "dtype"), CPU_GRID)
@@ -339,6 +340,7 @@ def test_cpu_loops_match_the_reference_and_naive(T, H, E, dtype):
     scale = scale_of(H, d["a"], d["b"])
     for args in ((d["g1"], d["g2"]), (d["g1"], d["g2"], d["table"], d["profile"])):
         vd = kernels.mix_vd(d["a"], d["b"], *args, impl="cpu")
+        assert all(x.dtype == dtype for x in vd)
         assert_close_mix(vd, kernels.mix_vd(d["a"], d["b"], *args, impl="reference"),
                          dtype=dtype, scale=scale)
         hd = kernels.mix_hd(d["b"], *args, impl="cpu")
