@@ -12,24 +12,32 @@ __all__ = ["gemv_max_tokens", "linear"]
 
 
 @functools.cache
-def _native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AMX or AVX512-BF16), where oneDNN's
-    products are fast; without, torch widens bfloat16 element by element."""
+def _bf16_products() -> str:
+    """How this CPU multiplies bfloat16: "amx" (tiles), "avx512" (AVX512-BF16 dot products)
+    or "widened" (neither: torch widens element by element)."""
     cpu = torch.cpu
-    return any(getattr(cpu, f, lambda: False)() for f in (
-        "_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+        return "amx"
+    if getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "avx512"
+    return "widened"
+
+
+# bfloat16 steps of up to this many tokens take the loops, per kind of bfloat16 product.
+_BF16_MAX_TOKENS = {"amx": 1, "avx512": 2, "widened": 512}
 
 
 def gemv_max_tokens(dtype: torch.dtype) -> int:
-    """Steps of up to this many tokens take the loops. Measured on an AVX2 CPU (2 cores, one
-    [4608, 1536] weight, cold; benchmarks/bench_release.py), F.linear / loops: float32 1.5x at
-    1 token, 1.8x at 8, 1.25x at 16, 0.97x at 32; bfloat16 1.15x at 1, 2.7x at 8, 3.2x at 32,
-    2.8x at 512 (torch's bfloat16 product widens element-wise there). Where bfloat16 is native
-    the loops measured level with torch at one token and are not taken beyond."""
+    """Steps of up to this many tokens take the loops. Measured on 2-core CPUs, one [4608,
+    1536] weight, cold (24 in turn), F.linear / loops: AVX2 float32 1.5x at 1 token, 1.8x at
+    8, 1.25x at 16, 0.97x at 32; bfloat16 1.15x at 1, 2.7x at 8, 3.2x at 32, 2.8x at 512
+    (torch widens bfloat16 element-wise there). AVX512-BF16 (no AMX): float32 2.3x at 1, 1.7x
+    at 8, 1.3x at 16, 1.1x at 32; bfloat16 1.7x at 1, 1.3x at 2, 0.65x at 4. AMX: bfloat16
+    level at one token."""
     if dtype == torch.float32:
         return 16
     if dtype == torch.bfloat16:
-        return 1 if _native_bf16() else 512
+        return _BF16_MAX_TOKENS[_bf16_products()]
     return 0
 
 
