@@ -1,14 +1,15 @@
-"""Kernels for MONET layers: router and masked expert mixing.
+"""Kernels for MONET layers: router, masked expert mixing and the decode step's products.
 
 Each operation has a plain-torch reference, Triton kernels for CUDA and a launcher that checks
 its inputs and picks one (`impl=` forces a choice; on a CPU the Triton kernels then need
 TRITON_INTERPRET=1). Mixing also has compiled CPU loops (Numba) over the router's nonzero
-entries, the launcher's pick for CPU float32/float64. Sparse expert layers for decode
+entries, the launcher's pick on the CPU outside autograd. Sparse expert layers for decode
 (kernels.sparse) evaluate only the experts a step uses, reading only the active experts' rows:
 on the CPU the whole layer in one compiled call (Numba, kernels.sparse_cpu), on CUDA composed
-with Triton gather-GEMV for steps of up to 32 tokens (kernels.sparse_triton). Only torch,
-triton and numba are imported (and llvmlite, Numba's own).
-"""
+with Triton gather-GEMV for steps of up to 32 tokens (kernels.sparse_triton). A decode step's
+linear layers (kernels.linear) and attention over the cache (kernels.attention) take compiled
+CPU loops for few tokens, torch elsewhere. Only torch, triton and numba are imported (and
+llvmlite, Numba's own)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from kernels.mixing import (
     mix_vd_reference,
     prepare_mixing,
 )
+from kernels.attention import attention
 from kernels.gemv import gemv_max_tokens, linear
 from kernels.router import route, route_reference, router_sigma
 from kernels.sparse import (
@@ -40,6 +42,7 @@ from kernels.sparse import (
 )
 
 __all__ = [
+    "attention",
     "gemv_max_tokens",
     "NO_PROFILE",
     "SPARSE_MAX_SHARE",

@@ -265,12 +265,8 @@ class Attention(nn.Module):
             start = cache.length
             cache.keys[layer][:, :, start : start + T] = k
             cache.values[layer][:, :, start : start + T] = v
-            k = cache.keys[layer][:, :, : start + T]
-            v = cache.values[layer][:, :, : start + T]
-        if K != N:
-            k = k.repeat_interleave(N // K, dim=1)
-            v = v.repeat_interleave(N // K, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask_BTS[:, None])
+            k, v = cache.keys[layer], cache.values[layer]  # the first start + T positions
+        out = kernels.attention(q, k, v, attn_mask_BTS)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, N * Dh))
 
 
