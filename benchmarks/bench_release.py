@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402
 from monet_cli.checkpoint import release_config, write_random_checkpoint  # noqa: E402
 from monet_runtime import ExpertMask, load_model  # noqa: E402
-from monet_runtime.model import KVCache, set_sparse_experts  # noqa: E402
+from monet_runtime.model import KVCache, _packed, set_sparse_experts  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 PATHS = {"sparse": None, "dense": 0.0}  # None: the measured threshold
@@ -168,12 +168,16 @@ def part_shares(model, prompt_BT, masks_case) -> dict[str, float]:
 
 
 def use_path(model, share, prompt_BT) -> None:
-    """set_path, then one untimed step of the prompt's last tokens: the switch back
-    from the dense path packs the v tables again (about 1 GB copied at 850M float32), which
-    would otherwise land in the first timed step where the prefill took the dense path."""
+    """set_path, then one untimed step of the prompt's last tokens and a read of every packed
+    table: the switch back from the dense path packs the v tables again (about 1 GB copied at
+    850M float32) into new pages, which the sparse path would otherwise fault in during the
+    first timed runs (an expert at a time: batch 1 measured 15% slower there)."""
     set_path(model, share)
     with torch.no_grad():
         model(prompt_BT[:, -1:])
+        for module in model.modules():
+            for key in getattr(module, "PACKED", {}):
+                _packed(module, key).sum()
 
 
 def threshold(model, dtype) -> None:
