@@ -41,6 +41,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -51,16 +52,32 @@ from monet_runtime.model import KVCache, _packed, set_sparse_experts  # noqa: E4
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 PATHS = {"sparse": None, "dense": 0.0}  # None: the measured threshold
-_GEMV_MAX_TOKENS = kernels.gemv.gemv_max_tokens
+_LINEAR, _ATTENTION = kernels.linear, kernels.attention
+
+
+def _sdpa(q, k, v, keep):
+    """kernels.attention as torch computes it (the release's attention)."""
+    S, group = keep.shape[2], q.shape[1] // k.shape[1]
+    k, v = (x[:, :, :S].repeat_interleave(group, 1) for x in (k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None])
 
 
 def set_path(model, share) -> None:
-    """The sparse path (share None: the measured threshold) with the runtime's decode GEMV
-    loops, or the dense one (share 0) as the release computes it: the factorised expert layers
-    over all E experts and torch's linear layers (kernels.gemv's loops off)."""
+    """The sparse path (share None: the measured threshold) with the runtime's decode linear
+    layers and attention (kernels.linear, kernels.attention), or the dense one (share 0) as
+    the release computes it: the factorised expert layers over all E experts, torch's
+    F.linear and scaled_dot_product_attention."""
     set_sparse_experts(model, share)
-    kernels.gemv.gemv_max_tokens = (_GEMV_MAX_TOKENS if share is None or share > 0
-                                    else lambda dtype: 0)
+    runtime = share is None or share > 0
+    kernels.linear = _LINEAR if runtime else F.linear
+    kernels.attention = _ATTENTION if runtime else _sdpa
+
+
+def rotated(items: list, r: int) -> list:
+    """items starting at r (mod their number): repeat r runs them in another order, so that
+    no case always runs first after a switch, nor always beside the same neighbour."""
+    r %= len(items)
+    return items[r:] + items[:r]
 
 
 def read_bandwidth_gbs(mib: int = 1024, repeats: int = 5) -> float:
@@ -248,8 +265,8 @@ def run_vllm(args, ckpt: Path) -> None:
                          "mixed": [mask_list[b % 8] for b in range(B)]}
                 loop.run_until_complete(vllm_decode(engine, prompts, 4, cases["mixed"]))
                 times: dict = {}
-                for _ in range(args.repeats):
-                    for case in args.cases:
+                for r in range(args.repeats):
+                    for case in rotated(args.cases, r):
                         times.setdefault(case, []).append(loop.run_until_complete(
                             vllm_decode(engine, prompts, args.new_tokens, cases[case])))
                 for case, ts in times.items():
@@ -368,10 +385,10 @@ def run(args, ckpt: Path, dtype) -> None:
         for path, share in PATHS.items():  # warm-up: compiled loops, first-touch of pages
             set_path(model, share)
             decode(model, prompt, 3, cases["mixed"])
-        for _ in range(args.repeats):
-            for path, share in PATHS.items():
+        for r in range(args.repeats):
+            for path, share in rotated(list(PATHS.items()), r):
                 use_path(model, share, prompt)
-                for case in args.cases:
+                for case in rotated(args.cases, r):
                     s = decode(model, prompt, args.new_tokens, cases[case])
                     times.setdefault((path, case), []).append(s)
         set_path(model, PATHS["sparse"])

@@ -1,5 +1,7 @@
-"""Bias-free linear layers for decode steps: x W^T as F.linear, steps of few tokens on the CPU
-through compiled matrix-vector loops (kernels.gemv_cpu), everything else through F.linear."""
+"""Bias-free linear layers for decode steps: x W^T as F.linear. On the CPU outside autograd,
+steps of few tokens take compiled matrix-vector loops (kernels.gemv_cpu); float32 steps of
+more tokens take oneDNN's matrix product (torch.ops.mkldnn._linear_pointwise, the plain weight
+in place) rather than F.linear's BLAS; everything else F.linear."""
 
 from __future__ import annotations
 
@@ -29,30 +31,40 @@ _BF16_MAX_TOKENS = {"amx": 1, "avx512": 2, "widened": 512}
 
 def gemv_max_tokens(dtype: torch.dtype) -> int:
     """Steps of up to this many tokens take the loops. Measured on 2-core CPUs, one [4608,
-    1536] weight, cold (24 in turn), F.linear / loops: AVX2 float32 1.5x at 1 token, 1.8x at
-    8, 1.25x at 16, 0.97x at 32; bfloat16 1.15x at 1, 2.7x at 8, 3.2x at 32, 2.8x at 512
-    (torch widens bfloat16 element-wise there). AVX512-BF16 (no AMX): float32 2.3x at 1, 1.7x
-    at 8, 1.3x at 16, 1.1x at 32; bfloat16 1.7x at 1, 1.3x at 2, 0.65x at 4. AMX: bfloat16
-    level at one token."""
+    1536] weight, cold (24 in turn), F.linear / loops: AVX2 bfloat16 1.15x at 1 token, 2.7x
+    at 8, 3.2x at 32, 2.8x at 512 (torch widens bfloat16 element-wise there). AVX512-BF16 (no
+    AMX): bfloat16 1.7x at 1, 1.3x at 2, 0.65x at 4. AMX: bfloat16 level at one token.
+    float32 against oneDNN's product (AVX512 EPYC; [4608 | 1536 | 3072, 1536]): 1.29 | 1.18 |
+    0.93x at 1 token, 1.07 | 1.09 | 1.20x at 4, 0.97 | 0.86 | 0.80x at 6, 0.48x at 64."""
     if dtype == torch.float32:
-        return 16
+        return 4
     if dtype == torch.bfloat16:
         return _BF16_MAX_TOKENS[_bf16_products()]
     return 0
 
 
+def _onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether oneDNN's float32 product takes this step: on the same AVX512 EPYC, F.linear /
+    oneDNN 1.6-2.8x from 1 to 64 tokens on [4608 | 1536 | 3072, 1536] weights (torch's float32
+    product is MKL's, which runs its generic code on AMD CPUs); level or better elsewhere."""
+    return weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """F.linear(x, weight) for x [..., D] and weight [N, D], in x's dtype. On the CPU, outside
-    autograd, with a contiguous float32 or bfloat16 weight of x's dtype and at most
-    gemv_max_tokens tokens: compiled loops that read each weight row once per step (float32
-    accumulation, rounded to x's dtype as F.linear's result is)."""
+    autograd, with a contiguous float32 or bfloat16 weight of x's dtype: at most
+    gemv_max_tokens tokens take compiled loops that read each weight row once per step
+    (float32 accumulation, rounded to x's dtype as F.linear's result is); more float32 tokens
+    oneDNN's product."""
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (0 < tokens <= gemv_max_tokens(weight.dtype) and x.dtype == weight.dtype
-            and x.device.type == "cpu" and weight.device.type == "cpu"
-            and weight.is_contiguous() and not (torch.is_grad_enabled() and (
-                x.requires_grad or weight.requires_grad))):
-        from kernels import gemv_cpu
+    if (tokens > 0 and x.dtype == weight.dtype and x.device.type == "cpu"
+            and weight.device.type == "cpu" and weight.is_contiguous()
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        if tokens <= gemv_max_tokens(weight.dtype):
+            from kernels import gemv_cpu
 
-        out = gemv_cpu.gemv(x.reshape(tokens, x.shape[-1]), weight)
-        return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+            out = gemv_cpu.gemv(x.reshape(tokens, x.shape[-1]), weight)
+            return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+        if _onednn(x, weight):
+            return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
     return F.linear(x, weight)
