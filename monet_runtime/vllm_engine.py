@@ -39,6 +39,7 @@ from typing import Any
 
 from monet_runtime.config import MonetConfig
 from monet_runtime.serving import (
+    EngineClosed,
     InvalidRequest,
     RoutedExpert,
     StepOutput,
@@ -380,7 +381,19 @@ class VllmEngine:
                 "running": running, "waiting": waiting}
 
     async def shutdown(self) -> None:
-        self._llm.shutdown()
+        """Stop vLLM's engine, and drop it now: AsyncLLM.__del__ shuts down again, and when an
+        engine object outlives this (a module global, an app's state) that ran at interpreter
+        exit, after vLLM's module globals were cleared, printing a TypeError traceback."""
+        llm, self._llm = self._llm, _ShutDown()
+        if not isinstance(llm, _ShutDown):
+            llm.shutdown()
+
+
+class _ShutDown:
+    """vLLM's engine after VllmEngine.shutdown: every use is EngineClosed (a 503)."""
+
+    def __getattr__(self, name: str):
+        raise EngineClosed("the engine is shutting down")
 
 
 def vllm_sampling(sampling, *, eos_ids: Sequence[int], extra: dict[str, Any] | None = None):

@@ -245,3 +245,39 @@ def test_routing_capture_matches_runtime_router(served):
     for layer, (g1, g2) in out.routing.items():
         torch.testing.assert_close(g1, ref[layer][0][0], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(g2, ref[layer][1][0], atol=1e-4, rtol=1e-4)
+
+
+def test_after_shutdown_requests_are_refused_and_exit_is_quiet(tmp_path):
+    """In a new process whose engine object outlives its shutdown (as an app's state does):
+    a request then is EngineClosed (a 503), health is not ok, and the interpreter exits
+    without vLLM's AsyncLLM.__del__ traceback (it shut down again after vLLM's globals were
+    cleared)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "late.py"
+    script.write_text(
+        "import asyncio\n"
+        "from monet_runtime.vllm_engine import VllmEngine\n"
+        "from monet_runtime.serving import EngineClosed\n"
+        "from server.engine import EngineRequest, Sampling\n"
+        "async def main(engine):\n"
+        "    await engine.shutdown()\n"
+        "    try:\n"
+        "        async for _ in engine.stream(EngineRequest('late', [1, 2], Sampling())):\n"
+        "            pass\n"
+        "    except EngineClosed as e:\n"
+        "        print('refused', e.status)\n"
+        "    print('health', (await engine.health())['ok'])\n"
+        "if __name__ == '__main__':\n"
+        "    ENGINE = VllmEngine('monet_runtime/default_model', max_num_seqs=2,\n"
+        "                        kv_cache_bytes=64 << 20)\n"
+        "    asyncio.run(main(ENGINE))\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=300, cwd=Path(__file__).resolve().parents[2],
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert out.returncode == 0, out.stderr[-2000:]
+    said = [line for line in out.stdout.splitlines() if line.startswith(("refused", "health"))]
+    assert said == ["refused 503", "health False"], out.stdout[-2000:]
+    assert "Exception ignored" not in out.stderr and "Traceback" not in out.stderr, \
+        out.stderr[-2000:]
