@@ -38,7 +38,7 @@ def _vllm_installed() -> bool:
 
 # Settings only the vLLM engine honours; the runtime engine refuses them.
 VLLM_ONLY = ("tensor_parallel_size", "gpu_memory_utilization", "kv_cache_bytes", "mask_slots",
-             "compiled")
+             "compiled", "sparse_experts")
 
 
 def _option(name: str) -> str:
@@ -96,7 +96,8 @@ def engine_options(settings, engine: str, *, platform: str | None = None) -> dic
             "gpu_memory_utilization": settings.gpu_memory_utilization,
             "kv_cache_bytes": settings.kv_cache_bytes,
             "mask_slots": settings.mask_slots or 8,
-            "compiled": platform != "cpu" if settings.compiled is None else settings.compiled}
+            "compiled": platform != "cpu" if settings.compiled is None else settings.compiled,
+            "sparse_experts": settings.sparse_experts is not False}
 
 
 def build_engine(settings):
@@ -213,6 +214,10 @@ def serve_command(
     compiled: Annotated[bool | None, typer.Option(
         "--compiled/--eager", help="vLLM: torch.compile and CUDA graphs (default on a GPU; "
         "eager on CPU).")] = None,
+    sparse_experts: Annotated[bool | None, typer.Option(
+        "--sparse-experts/--dense-experts", help="vLLM on CPU: the expert layers on the "
+        "runtime's sparse path (default), or dense on vLLM's prepacked linear layers: "
+        "faster from batches of about 32, with no sparse path below.")] = None,
 ):
     """Serve a MONET model over HTTP (OpenAPI at /docs). Every option is also a MONET_*
     environment variable; see server/settings.py for the rest (keys, limits)."""
@@ -230,7 +235,8 @@ def serve_command(
         dtype=dtype, device=device, max_batch_size=max_batch_size, max_model_len=max_model_len,
         threads=threads, tensor_parallel_size=tensor_parallel_size,
         gpu_memory_utilization=gpu_memory_utilization, kv_cache_bytes=kv_cache_bytes,
-        mask_slots=mask_slots, compiled=compiled).items() if v is not None}
+        mask_slots=mask_slots, compiled=compiled,
+        sparse_experts=sparse_experts).items() if v is not None}
     try:
         settings = Settings(**given)
     except ValidationError as e:

@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     kv_cache_bytes: int | None = Field(default=None, ge=1 << 20)  # vLLM: 1 GiB on CPU
     mask_slots: int | None = Field(default=None, ge=1)  # vLLM: 8 profiles running at once
     compiled: bool | None = None  # vLLM: torch.compile + CUDA graphs (on a GPU), else eager
+    sparse_experts: bool | None = None  # vLLM: the runtime's sparse expert layers (on CPU)
 
     # mask store
     redis_url: str | None = None  # None: the embedded local store in store_dir
@@ -78,7 +79,7 @@ class Settings(BaseSettings):
     @field_validator("model", "served_model_name", "redis_url", "default_profile", "corpus_dir",
                      "device", "max_batch_size", "max_model_len", "threads",
                      "tensor_parallel_size", "gpu_memory_utilization", "kv_cache_bytes",
-                     "mask_slots", "compiled", mode="before")
+                     "mask_slots", "compiled", "sparse_experts", mode="before")
     @classmethod
     def _empty_is_unset(cls, value):
         return None if isinstance(value, str) and not value.strip() else value

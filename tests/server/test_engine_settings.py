@@ -28,26 +28,28 @@ def test_defaults_are_each_engines_own():
     assert engine_options(Settings(), "vllm", platform="cpu") == {
         "max_num_seqs": 64, "max_model_len": None, "tensor_parallel_size": 1,
         "gpu_memory_utilization": None, "kv_cache_bytes": None, "mask_slots": 8,
-        "compiled": False}
+        "compiled": False, "sparse_experts": True}
     assert engine_options(Settings(), "vllm", platform="cuda")["compiled"] is True
 
 
 def test_settings_reach_the_engine(monkeypatch):
     monkeypatch.setenv("MONET_MAX_BATCH_SIZE", "4")
     monkeypatch.setenv("MONET_MASK_SLOTS", "3")
+    monkeypatch.setenv("MONET_SPARSE_EXPERTS", "false")
     settings = Settings(max_model_len=128, kv_cache_bytes=64 << 20, compiled=True,
                         device="cuda:0", gpu_memory_utilization=0.5, tensor_parallel_size=2)
     assert engine_options(settings, "vllm", platform="cuda") == {
         "max_num_seqs": 4, "max_model_len": 128, "tensor_parallel_size": 2,
         "gpu_memory_utilization": 0.5, "kv_cache_bytes": 64 << 20, "mask_slots": 3,
-        "compiled": True}
+        "compiled": True, "sparse_experts": False}
+    monkeypatch.delenv("MONET_SPARSE_EXPERTS")
     monkeypatch.delenv("MONET_MASK_SLOTS")
     assert engine_options(Settings(max_batch_size=2, max_model_len=64, threads=1),
                           "runtime") == {"max_batch_size": 2, "max_model_len": 64}
 
 
 @pytest.mark.parametrize("option, value", [
-    ("mask_slots", 4), ("kv_cache_bytes", 1 << 20), ("compiled", False),
+    ("mask_slots", 4), ("kv_cache_bytes", 1 << 20), ("compiled", False), ("sparse_experts", False),
     ("tensor_parallel_size", 1), ("gpu_memory_utilization", 0.5),
 ])
 def test_vllm_options_are_refused_on_the_runtime_engine(option, value):
