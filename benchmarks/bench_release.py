@@ -46,6 +46,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels  # noqa: E402
+from kernels.attention import sdpa  # noqa: E402
 from monet_cli.checkpoint import release_config, write_random_checkpoint  # noqa: E402
 from monet_runtime import ExpertMask, load_model  # noqa: E402
 from monet_runtime.model import KVCache, _packed, set_sparse_experts  # noqa: E402
@@ -53,13 +54,6 @@ from monet_runtime.model import KVCache, _packed, set_sparse_experts  # noqa: E4
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 PATHS = {"sparse": None, "dense": 0.0}  # None: the measured threshold
 _LINEAR, _ATTENTION = kernels.linear, kernels.attention
-
-
-def _sdpa(q, k, v, keep):
-    """kernels.attention as torch computes it (the release's attention)."""
-    S, group = keep.shape[2], q.shape[1] // k.shape[1]
-    k, v = (x[:, :, :S].repeat_interleave(group, 1) for x in (k, v))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None])
 
 
 def set_path(model, share) -> None:
@@ -70,7 +64,7 @@ def set_path(model, share) -> None:
     set_sparse_experts(model, share)
     runtime = share is None or share > 0
     kernels.linear = _LINEAR if runtime else F.linear
-    kernels.attention = _ATTENTION if runtime else _sdpa
+    kernels.attention = _ATTENTION if runtime else sdpa
 
 
 def rotated(items: list, r: int) -> list:

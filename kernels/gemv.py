@@ -43,7 +43,7 @@ def gemv_max_tokens(dtype: torch.dtype) -> int:
     return 0
 
 
-def _onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _onednn(weight: torch.Tensor) -> bool:
     """Whether oneDNN's float32 product takes this step: on the same AVX512 EPYC, F.linear /
     oneDNN 1.6-2.8x from 1 to 64 tokens on [4608 | 1536 | 3072, 1536] weights (torch's float32
     product is MKL's, which runs its generic code on AMD CPUs); level or better elsewhere."""
@@ -65,6 +65,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
             out = gemv_cpu.gemv(x.reshape(tokens, x.shape[-1]), weight)
             return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
-        if _onednn(x, weight):
+        if _onednn(weight):
             return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
     return F.linear(x, weight)
