@@ -2,8 +2,8 @@
 
 Each operation has a plain-torch reference, Triton kernels for CUDA and a launcher that checks
 its inputs and picks one (`impl=` forces a choice; on a CPU the Triton kernels then need
-TRITON_INTERPRET=1). Mixing also has compiled CPU loops (Numba) over the router's nonzero
-entries, the launcher's pick on the CPU outside autograd. Sparse expert layers for decode
+TRITON_INTERPRET=1). The router and mixing also have compiled CPU loops (Numba; mixing's over
+the router's nonzero entries), the launchers' pick on the CPU outside autograd. Sparse expert layers for decode
 (kernels.sparse) evaluate only the experts a step uses, reading only the active experts' rows:
 on the CPU the whole layer in one compiled call (Numba, kernels.sparse_cpu), on CUDA composed
 with Triton gather-GEMV for steps of up to 32 tokens (kernels.sparse_triton). A decode step's

@@ -26,14 +26,16 @@ def _bf16_products() -> str:
 
 
 # bfloat16 steps of up to this many tokens take the loops, per kind of bfloat16 product.
-_BF16_MAX_TOKENS = {"amx": 1, "avx512": 2, "widened": 512}
+_BF16_MAX_TOKENS = {"amx": 0, "avx512": 2, "widened": 512}
 
 
 def gemv_max_tokens(dtype: torch.dtype) -> int:
     """Steps of up to this many tokens take the loops. Measured on 2-core CPUs, one [4608,
     1536] weight, cold (24 in turn), F.linear / loops: AVX2 bfloat16 1.15x at 1 token, 2.7x
     at 8, 3.2x at 32, 2.8x at 512 (torch widens bfloat16 element-wise there). AVX512-BF16 (no
-    AMX): bfloat16 1.7x at 1, 1.3x at 2, 0.65x at 4. AMX: bfloat16 level at one token.
+    AMX): bfloat16 1.7x at 1, 1.3x at 2, 0.65x at 4. AMX: bfloat16 level at one token on one
+    machine, F.linear faster on another (Xeon, cold [4608 | 1536 | 3072 | 32000, 1536]: loops
+    / F.linear 1.36 | 1.06 | 1.17 | 1.36x at one token): none.
     float32 against oneDNN's product (AVX512 EPYC; [4608 | 1536 | 3072, 1536]): 1.29 | 1.18 |
     0.93x at 1 token, 1.07 | 1.09 | 1.20x at 4, 0.97 | 0.86 | 0.80x at 6, 0.48x at 64."""
     if dtype == torch.float32:

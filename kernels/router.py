@@ -64,10 +64,12 @@ def route(
     eps: float = 1e-5,
     impl: str | None = None,
 ) -> torch.Tensor:
-    """Router launcher: checks shapes and dtypes, runs Triton on CUDA, the reference elsewhere.
+    """Router launcher: checks shapes and dtypes, runs Triton on CUDA, the compiled loops
+    (kernels.router_cpu) on CPU logits that autograd does not track, the reference elsewhere.
 
-    impl: None picks (Triton for float32 CUDA logits), "triton" forces the Triton kernel (on CPU
-    it needs TRITON_INTERPRET=1; float32 only), "reference" forces the plain-torch router.
+    impl: None picks (Triton for float32 CUDA logits, the loops for float32 CPU ones),
+    "triton" forces the Triton kernel (on CPU it needs TRITON_INTERPRET=1; float32 only),
+    "cpu" the loops (float32 CPU logits), "reference" the plain-torch router.
     """
     if z_THE.dim() != 3:
         raise ValueError(f"router logits must be [T, H, E], got {tuple(z_THE.shape)}")
@@ -82,15 +84,26 @@ def route(
     from kernels import triton_available
 
     if impl is None:
-        use_triton = z_THE.is_cuda and z_THE.dtype == torch.float32 and triton_available()
-    elif impl in ("triton", "reference"):
-        use_triton = impl == "triton"
-    else:
-        raise ValueError(f"impl must be None, 'triton' or 'reference', got {impl!r}")
-    if use_triton:
+        tracked = torch.is_grad_enabled() and z_THE.requires_grad
+        if z_THE.dtype != torch.float32 or tracked:
+            impl = "reference"
+        elif z_THE.is_cuda:
+            impl = "triton" if triton_available() else "reference"
+        else:
+            impl = "cpu" if z_THE.device.type == "cpu" else "reference"
+    elif impl not in ("triton", "cpu", "reference"):
+        raise ValueError(f"impl must be None, 'triton', 'cpu' or 'reference', got {impl!r}")
+    if impl == "triton":
         from kernels.router_triton import route_triton
 
         return route_triton(
             z_THE.contiguous(), running_mean_H, running_var_H, sigma=sigma, eps=eps
         )
+    if impl == "cpu":
+        if z_THE.device.type != "cpu" or z_THE.dtype != torch.float32:
+            raise TypeError(f"the CPU router loops take float32 CPU logits, got "
+                            f"{z_THE.device.type} {z_THE.dtype}")
+        from kernels import router_cpu
+
+        return router_cpu.route(z_THE, running_mean_H, running_var_H, sigma=sigma, eps=eps)
     return route_reference(z_THE, running_mean_H, running_var_H, sigma=sigma, eps=eps)

@@ -50,6 +50,38 @@ def test_triton_matches_spec(device, T, E, H):
     assert_route_close(g, z, mean, var, sigma=sigma)
 
 
+CPU_GRID = [(1, 16, 1), (7, 24, 4), (1, 512, 6), (8, 512, 6), (128, 512, 8), (1000, 512, 8)]
+
+
+@pytest.mark.parametrize(("T", "E", "H"), CPU_GRID)
+def test_cpu_loops_match_spec_and_reference(T, E, H):
+    """The compiled loops against the float64 spec, and against the reference: the same kept
+    experts everywhere (n is batch_norm's arithmetic, so even ambiguous rows agree)."""
+    z, mean, var = router_logits(T, H, E, seed=T + E + H + 1)
+    sigma = sigma_for(E)
+    g = kernels.route(z, mean, var, sigma=sigma, impl="cpu")
+    assert g.dtype == torch.float32 and g.shape == z.shape and g.is_contiguous()
+    assert_route_close(g, z, mean, var, sigma=sigma)
+    ref = kernels.route(z, mean, var, sigma=sigma, impl="reference")
+    assert torch.equal(g > 0, ref > 0)
+    torch.testing.assert_close(g, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_cpu_loops_on_nan_logits_give_rows_that_sum_to_one():
+    z, mean, var = router_logits(2, 2, 16, seed=4)
+    z[0, 1] = float("nan")
+    g = kernels.route(z, mean, var, sigma=sigma_for(16), impl="cpu")
+    torch.testing.assert_close(g[0, 1], torch.full((16,), 1 / 16))
+    assert_route_close(g[1:], z[1:], mean, var, sigma=sigma_for(16))
+
+
+def test_cpu_loops_on_non_contiguous_logits_and_float64_statistics():
+    z, mean, var = router_logits(5, 4, 48, seed=3)
+    z = z[:, :, ::2]
+    g = kernels.route(z, mean.double(), var.double(), sigma=sigma_for(24), impl="cpu")
+    assert_route_close(g, z, mean, var, sigma=sigma_for(24))
+
+
 @pytest.mark.parametrize(("T", "E", "H"), [(1, 16, 1), (7, 24, 4), (128, 512, 8), (1000, 512, 8)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_reference_matches_spec(T, E, H, dtype):
@@ -98,7 +130,7 @@ def tie_rows(E: int, mean: float, std: float) -> tuple[torch.Tensor, torch.Tenso
     return z, want
 
 
-@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("impl", ["triton", "cpu", "reference"])
 def test_ties(request, impl):
     device = request.getfixturevalue("device") if impl == "triton" else torch.device("cpu")
     E, H = 16, 2
@@ -133,20 +165,32 @@ def test_launcher_checks_inputs():
         kernels.route(z.half(), mean, var, sigma=sigma)
     with pytest.raises(ValueError, match="impl"):
         kernels.route(z, mean, var, sigma=sigma, impl="gpu")
+    with pytest.raises(TypeError, match="float32 CPU logits"):
+        kernels.route(z.double(), mean, var, sigma=sigma, impl="cpu")
     with pytest.raises(ValueError, match="moe_topk"):
         kernels.router_sigma(16, 16)
 
 
-def test_cpu_logits_take_the_reference(monkeypatch):
-    pytest.importorskip("triton")
-    import kernels.router_triton as rt
+def test_cpu_logits_take_the_loops_unless_tracked_or_float64(monkeypatch):
+    import kernels.router as router
+    import kernels.router_cpu as rc
 
-    def boom(*args, **kwargs):
-        raise AssertionError("the Triton router ran on CPU tensors")
+    if kernels.triton_available():
+        import kernels.router_triton as rt
 
-    monkeypatch.setattr(rt, "route_triton", boom)
+        monkeypatch.setattr(rt, "route_triton", lambda *a, **k: pytest.fail("Triton on CPU"))
+    calls = []
+    monkeypatch.setattr(rc, "route", lambda *a, **k: calls.append("cpu"))
+    reference = router.route_reference
+    monkeypatch.setattr(router, "route_reference",
+                        lambda *a, **k: calls.append("reference") or reference(*a, **k))
     z, mean, var = router_logits(3, 2, 16, seed=0)
     kernels.route(z, mean, var, sigma=sigma_for(16))
+    kernels.route(z.double(), mean, var, sigma=sigma_for(16))
+    kernels.route(z.clone().requires_grad_(), mean, var, sigma=sigma_for(16))
+    with torch.no_grad():
+        kernels.route(z.clone().requires_grad_(), mean, var, sigma=sigma_for(16))
+    assert calls == ["cpu", "reference", "reference", "cpu"]
 
 
 def test_triton_launcher_never_syncs(monkeypatch):
