@@ -25,6 +25,21 @@ def _bf16_products() -> str:
     return "widened"
 
 
+@functools.cache
+def _cpu_vendor() -> str:
+    """"intel", "amd" or "other" (from /proc/cpuinfo; "other" where it cannot be read): MKL,
+    torch's float32 product, runs its own fast code on Intel CPUs only."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    vendor = line.split(":", 1)[1].strip()
+                    return {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(vendor, "other")
+    except OSError:
+        pass
+    return "other"
+
+
 # bfloat16 steps of up to this many tokens take the loops, per kind of bfloat16 product.
 _BF16_MAX_TOKENS = {"amx": 0, "avx512": 2, "widened": 512}
 
@@ -37,19 +52,25 @@ def gemv_max_tokens(dtype: torch.dtype) -> int:
     machine, F.linear faster on another (Xeon, cold [4608 | 1536 | 3072 | 32000, 1536]: loops
     / F.linear 1.36 | 1.06 | 1.17 | 1.36x at one token): none.
     float32 against oneDNN's product (AVX512 EPYC; [4608 | 1536 | 3072, 1536]): 1.29 | 1.18 |
-    0.93x at 1 token, 1.07 | 1.09 | 1.20x at 4, 0.97 | 0.86 | 0.80x at 6, 0.48x at 64."""
+    0.93x at 1 token, 1.07 | 1.09 | 1.20x at 4, 0.97 | 0.86 | 0.80x at 6, 0.48x at 64. On an
+    Intel CPU (Xeon with AMX, [4608 | 1536 | 3072 | 32000, 1536]) MKL's matrix-vector product
+    wins at one token, F.linear / loops 0.74 | 0.80 | 0.62 | 0.94x, and oneDNN's from 4
+    (0.95 | 1.08 | 0.75 | 0.91x of the loops): none there."""
     if dtype == torch.float32:
-        return 4
+        return 0 if _cpu_vendor() == "intel" else 4
     if dtype == torch.bfloat16:
         return _BF16_MAX_TOKENS[_bf16_products()]
     return 0
 
 
-def _onednn(weight: torch.Tensor) -> bool:
+def _onednn(weight: torch.Tensor, tokens: int) -> bool:
     """Whether oneDNN's float32 product takes this step: on the same AVX512 EPYC, F.linear /
     oneDNN 1.6-2.8x from 1 to 64 tokens on [4608 | 1536 | 3072, 1536] weights (torch's float32
-    product is MKL's, which runs its generic code on AMD CPUs); level or better elsewhere."""
-    return weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    product is MKL's, which runs its generic code on AMD CPUs). On an Intel CPU MKL's own code
+    runs, and wins at one token: F.linear / oneDNN 0.88 | 0.82 | 0.84 | 0.94x there, 1.08 |
+    0.94 | 0.94 | 1.45x at 4, 1.48 | 1.04 | 1.17 | 1.90x at 8 (the shapes above and lm_head)."""
+    return (weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and (tokens > 1 or _cpu_vendor() != "intel"))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -67,6 +88,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
             out = gemv_cpu.gemv(x.reshape(tokens, x.shape[-1]), weight)
             return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
-        if _onednn(weight):
+        if _onednn(weight, tokens):
             return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
     return F.linear(x, weight)
