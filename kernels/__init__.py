@@ -27,6 +27,7 @@ from kernels.mixing import (
     prepare_mixing,
 )
 from kernels.attention import attention
+from kernels.prepare import prepare
 from kernels.gemv import gemv_max_tokens, linear
 from kernels.router import route, route_reference, router_sigma
 from kernels.sparse import (
@@ -62,6 +63,7 @@ __all__ = [
     "mix_hd_reference",
     "mix_vd",
     "mix_vd_reference",
+    "prepare",
     "prepare_mixing",
     "route",
     "route_reference",

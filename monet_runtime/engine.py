@@ -107,7 +107,7 @@ class RuntimeEngine:
         self.num_layers, self.num_experts = c.num_hidden_layers, c.moe_experts
         self.vocab_size, self.max_model_len = c.vocab_size, max_model_len or positions
         self.max_batch_size = max_batch_size
-        kernels.prepare_mixing(model.device, model.dtype)  # not on the first masked request
+        kernels.prepare(model.device, model.dtype)  # no request compiles a CPU loop
         self._pending: deque[_Job] = deque()
         self._jobs: dict[str, _Job] = {}
         self._running = 0

@@ -269,7 +269,7 @@ class MonetForCausalLM(nn.Module):
             vllm_config, num_layers=config.num_hidden_layers, num_experts=config.moe_experts,
             num_slots=int(getattr(hf_config, MASK_SLOTS_KEY, DEFAULT_MASK_SLOTS)),
             device=device, prefix=maybe_prefix(prefix, "mask_slots"))
-        kernels.prepare_mixing(device, vllm_config.model_config.dtype)
+        kernels.prepare(device, vllm_config.model_config.dtype)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)

@@ -45,14 +45,56 @@ def test_implements_the_server_protocol(model):
     run(engine.shutdown())
 
 
-def test_the_engine_compiles_the_masked_mixing_before_any_request(model, monkeypatch):
+def test_the_engine_compiles_the_cpu_loops_before_any_request(model, monkeypatch):
     import kernels
 
     prepared = []
-    monkeypatch.setattr(kernels, "prepare_mixing", lambda *args: prepared.append(args))
+    monkeypatch.setattr(kernels, "prepare", lambda *args: prepared.append(args))
     engine = RuntimeEngine(model)
     assert prepared == [(model.device, torch.float32)]
     run(engine.shutdown())
+
+
+PREPARED_RUN = """
+import sys, numba, torch, kernels
+from kernels import attention_cpu, gemv_cpu, mixing_cpu, router_cpu, sparse_cpu
+from monet_runtime import load_model
+from monet_runtime.model import set_sparse_experts
+from monet_runtime.testing import make_random_checkpoint, random_mask
+
+def compiled():
+    return {f"{m.__name__}.{n}": len(d.signatures)
+            for m in (attention_cpu, gemv_cpu, mixing_cpu, router_cpu, sparse_cpu)
+            for n, d in vars(m).items() if isinstance(d, numba.core.registry.CPUDispatcher)}
+
+for dtype in (torch.float32, torch.bfloat16):
+    kernels.prepare("cpu", dtype)
+before = compiled()
+for n, decompose in enumerate(("vertical", "horizontal")):
+    path = make_random_checkpoint(f"{sys.argv[1]}/{decompose}", seed=n, moe_decompose=decompose)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load_model(path, dtype=dtype, tokenizer=False)
+        set_sparse_experts(model, 1.0)  # the sparse layers at any share of experts in use
+        mask = random_mask(model.config, 0.3, seed=n)
+        for masks in (None, mask, [mask, None]):
+            B = 2 if isinstance(masks, list) else 1
+            model.generate(torch.tensor([[1, 2, 3, 4]] * B), max_new_tokens=3, mask=masks)
+after = compiled()
+print(sum(before.values()), {k: (before[k], v) for k, v in after.items() if v != before[k]})
+"""
+
+
+def test_prepare_compiles_every_cpu_loop_a_generation_runs(tmp_path):
+    """In a new process: after kernels.prepare for float32 and bfloat16, generations (VD and
+    HD, sparse expert layers, masked, unmasked and mixed batches, decode attention and linear
+    layers) compile nothing more: no request pays for Numba."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", PREPARED_RUN, str(tmp_path)],
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    count, new = out.strip().split(" ", 1)
+    assert int(count) >= 10 and new == "{}", out
 
 
 def test_concurrent_requests_with_their_own_masks(model, mask):
