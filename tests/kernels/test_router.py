@@ -190,7 +190,9 @@ def test_cpu_logits_take_the_loops_unless_tracked_or_float64(monkeypatch):
     kernels.route(z.clone().requires_grad_(), mean, var, sigma=sigma_for(16))
     with torch.no_grad():
         kernels.route(z.clone().requires_grad_(), mean, var, sigma=sigma_for(16))
-    assert calls == ["cpu", "reference", "reference", "cpu"]
+    many = kernels.router.CPU_MAX_LOGITS // 32 + 1  # a long prefill: the threaded reference
+    kernels.route(router_logits(many, 2, 16, seed=1)[0], mean, var, sigma=sigma_for(16))
+    assert calls == ["cpu", "reference", "reference", "cpu", "reference"]
 
 
 def test_triton_launcher_never_syncs(monkeypatch):
