@@ -36,7 +36,9 @@ def prepare(device: torch.device | str, dtype: torch.dtype) -> None:
 def _router() -> None:
     from kernels.router import route
 
-    route(torch.zeros(2, 1, 4), torch.zeros(1), torch.ones(1), sigma=0.5)
+    f32 = torch.float32  # explicit: vLLM builds its model under another default dtype
+    route(torch.zeros(2, 1, 4, dtype=f32), torch.zeros(1, dtype=f32), torch.ones(1, dtype=f32),
+          sigma=0.5)
 
 
 def _sparse_layers(dtype: torch.dtype) -> None:
@@ -50,7 +52,7 @@ def _sparse_layers(dtype: torch.dtype) -> None:
     table = pack_hd(torch.zeros(D, E * M, dtype=dtype), torch.zeros(E, D, dtype=dtype))
     masks = torch.zeros(1, bitset_words(E), dtype=torch.int32)
     for T in (1, 2):  # one token on the calling thread; from two the threaded VD path
-        g = torch.full((T, H, E), 1.0 / E)
+        g = torch.full((T, H, E), 1.0 / E, dtype=torch.float32)
         active = active_experts(g, g)
         y = torch.zeros(T, D, dtype=dtype)
         for mask in (None, (masks, torch.zeros(T, dtype=torch.int64))):
