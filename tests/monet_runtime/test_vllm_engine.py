@@ -251,7 +251,8 @@ def test_after_shutdown_requests_are_refused_and_exit_is_quiet(tmp_path):
     """In a new process whose engine object outlives its shutdown (as an app's state does):
     a request then is EngineClosed (a 503), health is not ok, and the interpreter exits
     without vLLM's AsyncLLM.__del__ traceback (it shut down again after vLLM's globals were
-    cleared)."""
+    cleared). The engine is a bfloat16 one, as release checkpoints are served: its start once
+    failed in kernels.prepare, under vLLM's bfloat16 default dtype."""
     import subprocess
     import sys
 
@@ -271,7 +272,7 @@ def test_after_shutdown_requests_are_refused_and_exit_is_quiet(tmp_path):
         "    print('health', (await engine.health())['ok'])\n"
         "if __name__ == '__main__':\n"
         "    ENGINE = VllmEngine('monet_runtime/default_model', max_num_seqs=2,\n"
-        "                        kv_cache_bytes=64 << 20)\n"
+        "                        kv_cache_bytes=64 << 20, dtype='bfloat16')\n"
         "    asyncio.run(main(ENGINE))\n")
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                          timeout=300, cwd=Path(__file__).resolve().parents[2],
