@@ -74,9 +74,9 @@ def route(
     (kernels.router_cpu) on CPU logits that autograd does not track, the reference elsewhere.
 
     impl: None picks (Triton for float32 CUDA logits, the loops for float32 CPU ones of a
-    step of at most CPU_MAX_LOGITS),
-    "triton" forces the Triton kernel (on CPU it needs TRITON_INTERPRET=1; float32 only),
-    "cpu" the loops (float32 CPU logits), "reference" the plain-torch router.
+    step of at most CPU_MAX_LOGITS), "triton" forces the Triton kernel (on CPU it needs
+    TRITON_INTERPRET=1; float32 only), "cpu" the loops (float32 CPU logits), "reference" the
+    plain-torch router.
     """
     if z_THE.dim() != 3:
         raise ValueError(f"router logits must be [T, H, E], got {tuple(z_THE.shape)}")

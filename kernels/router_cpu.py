@@ -22,6 +22,8 @@ import numba
 import numpy as np
 import torch
 
+from kernels.sparse_cpu import _f32
+
 __all__ = ["route"]
 
 
@@ -71,12 +73,7 @@ def route(z_THE: torch.Tensor, running_mean_H: torch.Tensor, running_var_H: torc
           sigma: float, eps: float) -> torch.Tensor:
     """g [T, H, E] float32 from raw logits z [T, H, E] float32 (CPU, any strides) and the
     running statistics [H]; as kernels.router.route_reference."""
-    z = z_THE.detach().contiguous().numpy()
+    z = _f32(z_THE)
     out = np.empty(z.shape, np.float32)
-    _route(z, _float32(running_mean_H), _float32(running_var_H), np.float32(sigma),
-           np.float32(eps), out)
+    _route(z, _f32(running_mean_H), _f32(running_var_H), np.float32(sigma), np.float32(eps), out)
     return torch.from_numpy(out)
-
-
-def _float32(stat_H: torch.Tensor) -> np.ndarray:
-    return stat_H.detach().to(torch.float32).contiguous().numpy()
