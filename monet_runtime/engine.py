@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 import kernels
+from kernels.sparse import SPARSE_MIN_EXPERTS
 from monet_runtime.generation import (
     GenerationRequest,
     SamplingParams,
@@ -107,7 +108,8 @@ class RuntimeEngine:
         self.num_layers, self.num_experts = c.num_hidden_layers, c.moe_experts
         self.vocab_size, self.max_model_len = c.vocab_size, max_model_len or positions
         self.max_batch_size = max_batch_size
-        kernels.prepare(model.device, model.dtype)  # no request compiles a CPU loop
+        # no request compiles a CPU loop
+        kernels.prepare(model.device, model.dtype, sparse=c.moe_experts >= SPARSE_MIN_EXPERTS)
         self._pending: deque[_Job] = deque()
         self._jobs: dict[str, _Job] = {}
         self._running = 0

@@ -227,8 +227,9 @@ class MonetModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
                                                    prefix=maybe_prefix(prefix, "embed_tokens"))
-        sparse = sparse_experts(config, quant_config=vllm_config.quant_config, wanted=bool(
-            getattr(vllm_config.model_config.hf_config, SPARSE_KEY, True)))
+        self.sparse_experts = sparse = sparse_experts(
+            config, quant_config=vllm_config.quant_config,
+            wanted=bool(getattr(vllm_config.model_config.hf_config, SPARSE_KEY, True)))
         self.layers = nn.ModuleList(
             monet_decoder_layer(config, l, cache_config=vllm_config.cache_config,
                                 quant_config=vllm_config.quant_config,
@@ -269,7 +270,7 @@ class MonetForCausalLM(nn.Module):
             vllm_config, num_layers=config.num_hidden_layers, num_experts=config.moe_experts,
             num_slots=int(getattr(hf_config, MASK_SLOTS_KEY, DEFAULT_MASK_SLOTS)),
             device=device, prefix=maybe_prefix(prefix, "mask_slots"))
-        kernels.prepare(device, vllm_config.model_config.dtype)
+        kernels.prepare(device, vllm_config.model_config.dtype, sparse=self.model.sparse_experts)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)

@@ -15,6 +15,6 @@ def test_prepare_runs_under_any_default_dtype(default):
     torch.set_default_dtype(default)
     try:
         for dtype in (torch.bfloat16, torch.float32):
-            kernels.prepare("cpu", dtype)
+            kernels.prepare("cpu", dtype, sparse=True)
     finally:
         torch.set_default_dtype(before)

@@ -49,9 +49,10 @@ def test_the_engine_compiles_the_cpu_loops_before_any_request(model, monkeypatch
     import kernels
 
     prepared = []
-    monkeypatch.setattr(kernels, "prepare", lambda *args: prepared.append(args))
+    monkeypatch.setattr(kernels, "prepare", lambda *args, **kw: prepared.append((args, kw)))
     engine = RuntimeEngine(model)
-    assert prepared == [(model.device, torch.float32)]
+    # E = 16: below SPARSE_MIN_EXPERTS the expert layers stay dense, nothing sparse to compile
+    assert prepared == [((model.device, torch.float32), {"sparse": False})]
     run(engine.shutdown())
 
 
@@ -68,7 +69,7 @@ def compiled():
             for n, d in vars(m).items() if isinstance(d, numba.core.registry.CPUDispatcher)}
 
 for dtype in (torch.float32, torch.bfloat16):
-    kernels.prepare("cpu", dtype)
+    kernels.prepare("cpu", dtype, sparse=True)
 before = compiled()
 for n, decompose in enumerate(("vertical", "horizontal")):
     path = make_random_checkpoint(f"{sys.argv[1]}/{decompose}", seed=n, moe_decompose=decompose)
