@@ -270,6 +270,11 @@ class MonetForCausalLM(nn.Module):
             vllm_config, num_layers=config.num_hidden_layers, num_experts=config.moe_experts,
             num_slots=int(getattr(hf_config, MASK_SLOTS_KEY, DEFAULT_MASK_SLOTS)),
             device=device, prefix=maybe_prefix(prefix, "mask_slots"))
+        if device.type == "cpu" and torch.cpu._is_amx_tile_supported():
+            # vLLM's bfloat16 CPU attention uses AMX tiles without asking Linux for them
+            # (arch_prctl ARCH_REQ_XCOMP_PERM): unless oneDNN asked first, as it does for
+            # large bfloat16 products, the engine core dies of SIGILL on the first request.
+            torch.cpu._init_amx()
         kernels.prepare(device, vllm_config.model_config.dtype, sparse=self.model.sparse_experts)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -247,12 +247,14 @@ def test_routing_capture_matches_runtime_router(served):
         torch.testing.assert_close(g2, ref[layer][1][0], atol=1e-4, rtol=1e-4)
 
 
-def test_after_shutdown_requests_are_refused_and_exit_is_quiet(tmp_path):
+def test_bf16_engine_answers_then_refuses_after_shutdown_and_exits_quietly(tmp_path):
     """In a new process whose engine object outlives its shutdown (as an app's state does):
     a request then is EngineClosed (a 503), health is not ok, and the interpreter exits
     without vLLM's AsyncLLM.__del__ traceback (it shut down again after vLLM's globals were
     cleared). The engine is a bfloat16 one, as release checkpoints are served: its start once
-    failed in kernels.prepare, under vLLM's bfloat16 default dtype."""
+    failed in kernels.prepare, under vLLM's bfloat16 default dtype. Before the shutdown it
+    answers one greedy request: on CPUs with AMX its engine core once died of SIGILL there
+    (vLLM's attention used AMX tiles that the process had not asked Linux for)."""
     import subprocess
     import sys
 
@@ -263,6 +265,9 @@ def test_after_shutdown_requests_are_refused_and_exit_is_quiet(tmp_path):
         "from monet_runtime.serving import EngineClosed\n"
         "from server.engine import EngineRequest, Sampling\n"
         "async def main(engine):\n"
+        "    steps = [s async for s in engine.stream(\n"
+        "        EngineRequest('first', [1, 2, 3], Sampling(max_tokens=4, temperature=0)))]\n"
+        "    print('generated', len(steps), steps[-1].finish_reason)\n"
         "    await engine.shutdown()\n"
         "    try:\n"
         "        async for _ in engine.stream(EngineRequest('late', [1, 2], Sampling())):\n"
@@ -280,5 +285,6 @@ def test_after_shutdown_requests_are_refused_and_exit_is_quiet(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     said = [line for line in out.stdout.splitlines() if line.startswith(("refused", "health"))]
     assert said == ["refused 503", "health False"], out.stdout[-2000:]
+    assert "generated 4 length" in out.stdout.splitlines(), out.stdout[-2000:]
     assert "Exception ignored" not in out.stderr and "Traceback" not in out.stderr, \
         out.stderr[-2000:]
